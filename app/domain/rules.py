@@ -1,0 +1,64 @@
+"""Pure conversation rules: input checks, automatic titles, context-window trimming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from app.domain.errors import InvalidInputError, TooLargeError
+
+DEFAULT_TITLE = "New Conversation"
+AUTO_TITLE_CHARS = 100
+
+T = TypeVar("T")
+
+
+def clean_prompt(text: str | None, *, max_chars: int, field: str = "content") -> str:
+    """The prompt as it will be stored; empty (or blank) is 400, longer than `max_chars` is 413."""
+    if text is None or not text.strip():
+        raise InvalidInputError(f"{field} must not be empty", field=field)
+    if len(text) > max_chars:
+        raise TooLargeError(f"{field} is {len(text)} characters; the limit is {max_chars}", field=field)
+    return text
+
+
+def clean_title(title: str | None, *, max_chars: int) -> str:
+    """A user-given title: trimmed, not blank, not longer than `max_chars`."""
+    if title is None or not title.strip():
+        raise InvalidInputError("title must not be empty", field="title")
+    title = title.strip()
+    if len(title) > max_chars:
+        raise TooLargeError(f"title is {len(title)} characters; the limit is {max_chars}", field="title")
+    return title
+
+
+def auto_title(first_message: str) -> str:
+    """A title from the first user message: its first 100 characters on one line, '...' when cut."""
+    text = " ".join(first_message.split())
+    if len(text) <= AUTO_TITLE_CHARS:
+        return text
+    return text[:AUTO_TITLE_CHARS] + "..."
+
+
+def trim_history(
+    turns: Sequence[T], fits: Callable[[Sequence[T]], bool], can_start: Callable[[T], bool]
+) -> Sequence[T]:
+    """The longest suffix of `turns` that `fits` and begins with a turn that `can_start` (a user turn).
+
+    The oldest turns are dropped first. The last turn (the new user message) is always kept; if even it alone
+    does not fit, the prompt is too large. Fitting is monotonic in the number of turns, so a binary search over
+    the possible starts needs only O(log n) calls to `fits`, each of which may run the chat template.
+    """
+    starts = [index for index, turn in enumerate(turns) if can_start(turn)]
+    if not starts or starts[-1] != len(turns) - 1:
+        raise ValueError("the last turn must be one a conversation can start with")
+    if not fits(turns[starts[-1] :]):
+        raise TooLargeError("the message does not fit in the model's context window", field="content")
+    lo, hi = 0, len(starts) - 1  # turns[starts[hi]:] fits; find the smallest such start
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(turns[starts[mid] :]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return turns[starts[lo] :]

@@ -1,0 +1,155 @@
+"""Request and response bodies (msgspec Structs): the seed's field names, plus a few more."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+import msgspec
+
+from app.domain.models import Conversation, Message
+
+
+class Pong(msgspec.Struct):
+    response: str
+
+
+class Health(msgspec.Struct):
+    status: str
+    model: str
+    device: str
+    active_generations: int
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error response: Litestar's `status_code` and `detail`, a stable `code`, and the offending field."""
+
+    status_code: int
+    detail: str
+    code: str
+    field: str | None = None
+
+
+class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
+    title: str | None = None
+    system_prompt: str | None = None
+
+
+class TitleUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    title: str
+
+
+class MessageCreate(msgspec.Struct, forbid_unknown_fields=True):
+    content: str
+    role: Literal["user"] = "user"
+    max_tokens: int | None = msgspec.field(default=None)
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+class ConversationOut(msgspec.Struct):
+    session_id: UUID
+    title: str
+    title_source: str
+    system_prompt: str | None
+    model: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConversationCreated(ConversationOut):
+    message: str
+
+
+class ConversationList(msgspec.Struct):
+    conversations: list[ConversationOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MessageOut(msgspec.Struct):
+    id: UUID
+    role: str
+    content: str
+    reasoning: str | None
+    timestamp: datetime
+    status: str
+    parent_id: UUID | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+
+
+class ConversationDetail(msgspec.Struct):
+    conversation: ConversationOut
+    messages: list[MessageOut]
+
+
+class ConversationDeleted(msgspec.Struct):
+    session_id: UUID
+    message: str
+
+
+class TitleUpdated(msgspec.Struct):
+    session_id: UUID
+    title: str
+    message: str
+
+
+class MessageExchange(msgspec.Struct):
+    """The stored user message and the model's complete reply; `response` is the reply's text."""
+
+    session_id: UUID
+    user_message: MessageOut
+    assistant_message: MessageOut
+    response: str
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StreamDone(msgspec.Struct):
+    """The data of the final `event: done` of a stream."""
+
+    user_message_id: UUID
+    assistant_message_id: UUID
+    usage: Usage
+    finish_reason: str
+
+
+class StreamError(msgspec.Struct):
+    """The data of an `event: error` inside a stream."""
+
+    code: str
+    detail: str
+
+
+def conversation_out(conversation: Conversation) -> ConversationOut:
+    return ConversationOut(
+        session_id=conversation.id,
+        title=conversation.title,
+        title_source=conversation.title_source,
+        system_prompt=conversation.system_prompt,
+        model=conversation.model,
+        created_at=conversation.created_at,
+        updated_at=conversation.updated_at,
+    )
+
+
+def message_out(message: Message) -> MessageOut:
+    return MessageOut(
+        id=message.id,
+        role=message.role,
+        content=message.content,
+        reasoning=message.reasoning,
+        timestamp=message.created_at,
+        status=message.status,
+        parent_id=message.parent_id,
+        prompt_tokens=message.prompt_tokens,
+        completion_tokens=message.completion_tokens,
+        finish_reason=message.finish_reason,
+    )

@@ -1,0 +1,1 @@
+"""advanced-alchemy repositories: queries only."""

@@ -1,0 +1,103 @@
+"""Settings, read once from the environment (and a `.env` file in the working directory)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///database/chipi.db"
+
+
+class SettingsError(ValueError):
+    """A setting has a value Chipi cannot use."""
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip() or default
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = _env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _env(name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob Chipi has; the README documents each one with its default."""
+
+    database_url: str
+    host: str
+    port: int
+    model: str
+    device: str
+    dtype: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    context_window: int
+    max_prompt_chars: int
+    max_title_chars: int
+    system_prompt: str
+    stream_flush_seconds: float
+    log_level: str
+
+    @property
+    def default_model_requested(self) -> bool:
+        """True when the configured model is the offline default that Chipi converts itself."""
+        return Path(self.model).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        load_dotenv(Path.cwd() / ".env", override=False)
+        return cls(
+            database_url=_env("DATABASE_URL", DEFAULT_DATABASE_URL),
+            host=_env("CHIPI_HOST", "127.0.0.1"),
+            port=_env_int("CHIPI_PORT", 8000, minimum=1),
+            model=_env("CHIPI_MODEL", DEFAULT_MODEL_DIR),
+            device=_env("CHIPI_DEVICE", "auto"),
+            dtype=_env_choice("CHIPI_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
+            max_new_tokens=_env_int("CHIPI_MAX_NEW_TOKENS", 512, minimum=1),
+            temperature=_env_float("CHIPI_TEMPERATURE", 0.2),
+            top_p=_env_float("CHIPI_TOP_P", 0.9),
+            context_window=_env_int("CHIPI_CONTEXT_WINDOW", 0),
+            max_prompt_chars=_env_int("CHIPI_MAX_PROMPT_CHARS", 16_000, minimum=1),
+            max_title_chars=_env_int("CHIPI_MAX_TITLE_CHARS", 200, minimum=1),
+            system_prompt=os.environ.get("CHIPI_SYSTEM_PROMPT", ""),
+            stream_flush_seconds=_env_float("CHIPI_STREAM_FLUSH_SECONDS", 0.5),
+            log_level=_env("CHIPI_LOG_LEVEL", "info").lower(),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use."""
+    return Settings.from_env()

@@ -1,0 +1,75 @@
+"""Test fixtures: a real Chipi server (uvicorn, the real default model) per database, SQLite and PostgreSQL.
+
+Every test that takes `client` runs once against each database. PostgreSQL tests skip with a reason when no
+server answers at CHIPI_TEST_POSTGRES_URL, unless CHIPI_TEST_REQUIRE_POSTGRES=1 (as in CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.assets import ensure_default_model
+from app.settings import Settings
+from tests.server import TEST_MAX_NEW_TOKENS, ChipiServer
+
+POSTGRES_ADMIN_URL = os.environ.get("CHIPI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REQUIRE_POSTGRES = os.environ.get("CHIPI_TEST_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_model() -> None:
+    """The real default model, fetched and converted once (as `make run` does)."""
+    ensure_default_model(Settings.from_env())
+
+
+def _postgres_database() -> Iterator[str]:
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL is required but not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+        pytest.skip(f"no PostgreSQL server at {POSTGRES_ADMIN_URL} ({exc}); set CHIPI_TEST_POSTGRES_URL")
+    name = f"chipi_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            admin_url = make_url(POSTGRES_ADMIN_URL)
+            yield admin_url.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, empty database of each kind for the session."""
+    if request.param == "sqlite":
+        path: Path = tmp_path_factory.mktemp("sqlite") / "chipi.db"
+        yield f"sqlite+aiosqlite:///{path}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str) -> Iterator[ChipiServer]:
+    """One running server per database, shared by the tests of that database."""
+    with ChipiServer(database_url) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: ChipiServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
+def max_new_tokens() -> int:
+    return TEST_MAX_NEW_TOKENS

@@ -1,0 +1,66 @@
+"""Small client-side helpers the tests share: what a frontend would do over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+ISO_WITH_OFFSET = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+async def new_conversation(client: httpx.AsyncClient, **params: str) -> dict[str, Any]:
+    response = await client.post("/api/conversations/new", params=params)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def get_conversation(client: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
+    response = await client.get(f"/api/conversations/{session_id}")
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def send_message(client: httpx.AsyncClient, session_id: str, content: str, **options: Any) -> dict[str, Any]:
+    response = await client.post(f"/api/conversations/{session_id}/message", json={"content": content, **options})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+@dataclass
+class StreamResult:
+    """What an EventSource client saw: the text deltas, the closing event, and the raw headers."""
+
+    deltas: list[str] = field(default_factory=list)
+    events: list[ServerSentEvent] = field(default_factory=list)
+    headers: httpx.Headers | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+    @property
+    def final(self) -> ServerSentEvent:
+        return self.events[-1]
+
+    @property
+    def final_data(self) -> dict[str, Any]:
+        return json.loads(self.final.data)  # type: ignore[no-any-return]
+
+
+async def stream_reply(client: httpx.AsyncClient, session_id: str, prompt: str, **params: str) -> StreamResult:
+    """Read a whole reply from the stream endpoint, as the frontend's EventSource does."""
+    result = StreamResult()
+    url = f"/api/conversations/{session_id}/stream"
+    async with aconnect_sse(client, "GET", url, params={"prompt": prompt, **params}) as source:
+        assert source.response.status_code == 200, await source.response.aread()
+        result.headers = source.response.headers
+        async for event in source.aiter_sse():
+            result.events.append(event)
+            if event.event == "message":
+                result.deltas.append(event.data)
+    return result

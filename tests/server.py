@@ -1,0 +1,83 @@
+"""Start and stop a real Chipi server process for tests: `python -m app serve` on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_MAX_NEW_TOKENS = 48
+TEST_MAX_PROMPT_CHARS = 4000
+TEST_CONTEXT_WINDOW = 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ChipiServer:
+    """A server process with test settings: greedy decoding, short replies, small limits."""
+
+    def __init__(self, database_url: str, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "CHIPI_HOST": "127.0.0.1",
+            "CHIPI_PORT": str(self.port),
+            "CHIPI_TEMPERATURE": "0",
+            "CHIPI_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
+            "CHIPI_MAX_PROMPT_CHARS": str(TEST_MAX_PROMPT_CHARS),
+            "CHIPI_CONTEXT_WINDOW": str(TEST_CONTEXT_WINDOW),
+            "CHIPI_LOG_LEVEL": "warning",
+            **settings,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} during start-up")
+            try:
+                if httpx.get(f"{self.url}/api/ping", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the server did not answer within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, as in a power cut or an OOM kill."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> ChipiServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
