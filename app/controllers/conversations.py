@@ -104,8 +104,7 @@ class ConversationController(Controller):
             system_prompt=body.system_prompt,
             model=settings.model,
         )
-        out = conversation_out(conversation)
-        return ConversationCreated(**msgspec.structs.asdict(out), message="Conversation created")
+        return conversation_out(conversation, ConversationCreated, message="Conversation created")
 
     @get(
         "/{session_id:str}",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -128,8 +128,12 @@ class StreamError(msgspec.Struct):
     detail: str
 
 
-def conversation_out(conversation: Conversation) -> ConversationOut:
-    return ConversationOut(
+C = TypeVar("C", bound=ConversationOut)
+
+
+def conversation_out(conversation: Conversation, shape: type[C] = ConversationOut, **extra: Any) -> C:  # type: ignore[assignment]
+    """The conversation as `shape` (ConversationOut or a Struct extending it with `extra` fields)."""
+    return shape(
         session_id=conversation.id,
         title=conversation.title,
         title_source=conversation.title_source,
@@ -137,6 +141,7 @@ def conversation_out(conversation: Conversation) -> ConversationOut:
         model=conversation.model,
         created_at=conversation.created_at,
         updated_at=conversation.updated_at,
+        **extra,
     )
 
 

@@ -59,7 +59,7 @@ class GenerationFinished:
 GenerationOutput = TextDelta | GenerationFinished
 
 
-class _IncrementalDecoder(BaseStreamer):  # type: ignore[misc]
+class _IncrementalDecoder(BaseStreamer):
     """Turns the token ids `generate` produces into exact text deltas.
 
     The generated ids are decoded whole each step and only the new suffix is emitted, so multi-token characters
@@ -78,7 +78,7 @@ class _IncrementalDecoder(BaseStreamer):  # type: ignore[misc]
             self._prompt_seen = True
             return
         self._ids.extend(value.reshape(-1).tolist())
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
         if text.endswith("\ufffd") or len(text) <= self._sent:
             return
         self._emit(TextDelta(text[self._sent :]))
@@ -88,7 +88,7 @@ class _IncrementalDecoder(BaseStreamer):  # type: ignore[misc]
         pass
 
 
-class _StopWhenCancelled(StoppingCriteria):  # type: ignore[misc]
+class _StopWhenCancelled(StoppingCriteria):
     def __init__(self, cancelled: threading.Event) -> None:
         self._cancelled = cancelled
 
@@ -136,7 +136,7 @@ class ModelService:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=_resolve_dtype(settings.dtype), device_map=device_map
         )
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
         context_window = settings.context_window or int(getattr(model.config, "max_position_embeddings", 2048))
         logger.info(
             "loaded model %s on %s (%s) in %.1fs", source, model.device, model.dtype, time.perf_counter() - started
