@@ -186,7 +186,7 @@ class ConversationController(Controller):
         chat: ChatService,
         conversation_id: UUID,
         prompt: Annotated[str | None, Parameter(description="The user's message, form-encoded (+ is a space)")] = None,
-        thinking: Annotated[bool, Parameter(description="Let a reasoning model think first")] = False,
+        thinking: Annotated[bool, Parameter(description="Let a reasoning model think first (Qwen3 style)")] = False,
     ) -> ServerSentEvent:
-        generation = await chat.start_reply(conversation_id, prompt, ReplyOptions())
+        generation = await chat.start_reply(conversation_id, prompt, ReplyOptions(thinking=thinking))
         return ServerSentEvent(_sse_events(generation), headers=STREAM_HEADERS)

@@ -38,6 +38,7 @@ class ReplyOptions:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    thinking: bool = False
 
 
 class Generation:
@@ -125,6 +126,7 @@ class ChatService:
                     conversation.system_prompt or self._settings.system_prompt or None,
                     [*history, ChatTurn(Role.USER.value, content)],
                     params.max_new_tokens,
+                    thinking=options.thinking,
                 )
                 user_message, reply = await conversations.add_exchange(
                     conversation, branch[-1] if branch else None, content

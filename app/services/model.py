@@ -150,22 +150,29 @@ class ModelService:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def build_prompt(self, system_prompt: str | None, turns: Sequence[ChatTurn], max_new_tokens: int) -> Prompt:
-        """The chat-templated prompt for `turns`, dropping the oldest turns until it leaves room for the reply."""
+    def build_prompt(
+        self, system_prompt: str | None, turns: Sequence[ChatTurn], max_new_tokens: int, *, thinking: bool = False
+    ) -> Prompt:
+        """The chat-templated prompt for `turns`, dropping the oldest turns until it leaves room for the reply.
+
+        `thinking` reaches templates that know `enable_thinking` (Qwen3 style); other templates ignore it.
+        """
         budget = self.context_window - max_new_tokens
         encoded: dict[int, list[int]] = {}
 
         def fits(candidate: Sequence[ChatTurn]) -> bool:
-            encoded[len(candidate)] = self._encode(system_prompt, candidate)
+            encoded[len(candidate)] = self._encode(system_prompt, candidate, thinking)
             return len(encoded[len(candidate)]) <= budget
 
         kept = trim_history(turns, fits, can_start=lambda turn: turn.role == "user")
         return Prompt(token_ids=encoded[len(kept)], turns_used=len(kept))
 
-    def _encode(self, system_prompt: str | None, turns: Sequence[ChatTurn]) -> list[int]:
+    def _encode(self, system_prompt: str | None, turns: Sequence[ChatTurn], thinking: bool) -> list[int]:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages += [{"role": turn.role, "content": turn.content} for turn in turns]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=thinking
+        )
         return list(ids)
 
     async def stream(
