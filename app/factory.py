@@ -17,6 +17,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from app.controllers.conversations import ConversationController
 from app.controllers.errors import exception_handlers
+from app.controllers.socket import chat_socket
 from app.controllers.system import SystemController
 from app.db import create_db_config, upgrade_database
 from app.services.chat import ChatService
@@ -25,6 +26,17 @@ from app.services.model import ModelService
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("app")
+
+
+WEBSOCKET_DOC = """A local chatbot backend: stored conversations, replies streamed from a local model.
+
+**WebSocket** `/api/conversations/{session_id}/ws`: JSON frames named by `type`.
+Client: `message` {content, max_tokens?, temperature?, top_p?, thinking?}, `regenerate` {message_id?},
+`stop` {}, `resume` {last_seq}. Server: `user_message` {message}, `token` {text, seq}, `reasoning` {text, seq},
+`done` {message, usage, finish_reason, seq}, `error` {code, detail}, `heartbeat` {}.
+A malformed frame gets an `error` frame and the socket stays usable; a client that reconnects sends `resume` with
+the last `seq` it saw and receives every later event exactly once, then the live rest.
+"""
 
 
 def _provide_chat(state: State) -> ChatService:
@@ -57,7 +69,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await db_config.get_engine().dispose()
 
     return Litestar(
-        route_handlers=[SystemController, ConversationController],
+        route_handlers=[SystemController, ConversationController, chat_socket],
         plugins=[SQLAlchemyPlugin(config=db_config)],
         dependencies={
             "conversations": Provide(create_service_provider(ConversationService)),
@@ -70,7 +82,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=OpenAPIConfig(
             title="Chipi",
             version="0.1.0",
-            description="A local chatbot backend: stored conversations, replies streamed from a local model.",
+            description=WEBSOCKET_DOC,
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
         ),

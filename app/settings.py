@@ -68,6 +68,11 @@ class Settings:
     max_title_chars: int
     system_prompt: str
     stream_flush_seconds: float
+    disconnect_grace_seconds: float
+    max_concurrent_generations: int
+    max_queued_generations: int
+    queue_timeout_seconds: float
+    ws_heartbeat_seconds: float
     log_level: str
 
     @property
@@ -93,6 +98,11 @@ class Settings:
             max_title_chars=_env_int("CHIPI_MAX_TITLE_CHARS", 200, minimum=1),
             system_prompt=os.environ.get("CHIPI_SYSTEM_PROMPT", ""),
             stream_flush_seconds=_env_float("CHIPI_STREAM_FLUSH_SECONDS", 0.5),
+            disconnect_grace_seconds=_env_float("CHIPI_DISCONNECT_GRACE_SECONDS", 30.0),
+            max_concurrent_generations=_env_int("CHIPI_MAX_CONCURRENT_GENERATIONS", 8, minimum=1),
+            max_queued_generations=_env_int("CHIPI_MAX_QUEUED_GENERATIONS", 16),
+            queue_timeout_seconds=_env_float("CHIPI_QUEUE_TIMEOUT_SECONDS", 30.0),
+            ws_heartbeat_seconds=_env_float("CHIPI_WS_HEARTBEAT_SECONDS", 20.0, minimum=1.0),
             log_level=_env("CHIPI_LOG_LEVEL", "info").lower(),
         )
 

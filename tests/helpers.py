@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from typing import Any
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
+from websockets.asyncio.client import ClientConnection, connect
 
 ISO_WITH_OFFSET = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
@@ -64,3 +66,29 @@ async def stream_reply(client: httpx.AsyncClient, session_id: str, prompt: str, 
             if event.event == "message":
                 result.deltas.append(event.data)
     return result
+
+
+async def next_frame(socket: ClientConnection) -> dict[str, Any]:
+    """The next frame that is not a heartbeat."""
+    while True:
+        frame = json.loads(await asyncio.wait_for(socket.recv(), 60))
+        if frame["type"] != "heartbeat":
+            return frame  # type: ignore[no-any-return]
+
+
+async def frames_until_done(socket: ClientConnection) -> list[dict[str, Any]]:
+    """Frames up to and including `done` (or an `error`)."""
+    frames = []
+    while True:
+        frame = await next_frame(socket)
+        frames.append(frame)
+        if frame["type"] in ("done", "error"):
+            return frames
+
+
+def socket_url(client: httpx.AsyncClient, session_id: str) -> str:
+    return str(client.base_url).replace("http://", "ws://") + f"/api/conversations/{session_id}/ws"
+
+
+def connect_socket(client: httpx.AsyncClient, session_id: str) -> connect:
+    return connect(socket_url(client, session_id), open_timeout=30)

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_MAX_NEW_TOKENS = 48
 TEST_MAX_PROMPT_CHARS = 4000
 TEST_CONTEXT_WINDOW = 1024
+TEST_GRACE_SECONDS = 1.0
 
 
 def free_port() -> int:
@@ -40,6 +41,8 @@ class ChipiServer:
             "CHIPI_MAX_NEW_TOKENS": str(TEST_MAX_NEW_TOKENS),
             "CHIPI_MAX_PROMPT_CHARS": str(TEST_MAX_PROMPT_CHARS),
             "CHIPI_CONTEXT_WINDOW": str(TEST_CONTEXT_WINDOW),
+            "CHIPI_DISCONNECT_GRACE_SECONDS": str(TEST_GRACE_SECONDS),
+            "CHIPI_WS_HEARTBEAT_SECONDS": "1",
             "CHIPI_LOG_LEVEL": "warning",
             **settings,
         }

@@ -1,4 +1,7 @@
-"""The seed-compatible conversation API. Inputs the seed took as query parameters are also accepted as JSON."""
+"""The seed-compatible conversation API, plus stop, regenerate, edit and branches.
+
+Inputs the seed took as query parameters are also accepted as JSON bodies.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, delete, get, patch, post, put
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
@@ -16,14 +19,19 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from app.domain.errors import InvalidInputError
 from app.domain.rules import clean_title
 from app.domain.schemas import (
+    BranchSwitch,
     ConversationCreate,
     ConversationCreated,
     ConversationDeleted,
     ConversationDetail,
     ConversationList,
+    EditRequest,
     ErrorBody,
+    GenerationOptions,
     MessageCreate,
     MessageExchange,
+    RegenerateRequest,
+    StopResult,
     StreamDone,
     StreamError,
     TitleUpdate,
@@ -32,19 +40,26 @@ from app.domain.schemas import (
     message_out,
 )
 from app.services.chat import ChatService, Generation, ReplyOptions
-from app.services.conversations import ConversationService
-from app.services.model import TextDelta
+from app.services.conversations import ConversationService, Edit, NewMessage, Regenerate
 from app.settings import Settings
+
+
+def _parse_uuid(value: str, field: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidInputError(f"{field} {value!r} is not a valid UUID", field=field) from None
 
 
 def parse_session_id(
     session_id: Annotated[str, Parameter(description="The conversation's id (a UUID)")],
 ) -> UUID:
     """The path's conversation id; a malformed one is a 400 (a typed path segment would make it a 404)."""
-    try:
-        return UUID(session_id)
-    except ValueError:
-        raise InvalidInputError(f"session_id {session_id!r} is not a valid UUID", field="session_id") from None
+    return _parse_uuid(session_id, "session_id")
+
+
+def parse_message_id(message_id: Annotated[str, Parameter(description="A message's id (a UUID)")]) -> UUID:
+    return _parse_uuid(message_id, "message_id")
 
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -59,14 +74,25 @@ def _given(from_body: Any, from_query: Any) -> Any:
     return from_body if from_body is not None else from_query
 
 
-async def _sse_events(generation: Generation) -> AsyncIterator[ServerSentEventMessage]:
-    async for seq, event in generation.follow():
-        if isinstance(event, TextDelta):
-            yield ServerSentEventMessage(data=event.text, id=seq)
-        elif isinstance(event, StreamDone):
-            yield ServerSentEventMessage(data=msgspec.json.encode(event).decode(), event="done", id=seq)
-        elif isinstance(event, StreamError):
-            yield ServerSentEventMessage(data=msgspec.json.encode(event).decode(), event="error", id=seq)
+def _options(body: GenerationOptions | None) -> ReplyOptions:
+    return ReplyOptions(body.max_tokens, body.temperature, body.top_p) if body else ReplyOptions()
+
+
+async def _sse_events(generation: Generation, after: int) -> AsyncIterator[ServerSentEventMessage]:
+    """The reply as the seed's frontend reads it: unnamed text events (reasoning between `<think>` and
+    `</think>` events), then a named `done` or `error` event. Each id lets EventSource resume via Last-Event-ID."""
+    async for seq, event in generation.follow(after):
+        if isinstance(event, StreamDone | StreamError):
+            name = "done" if isinstance(event, StreamDone) else "error"
+            yield ServerSentEventMessage(
+                data=msgspec.json.encode(event).decode(), event=name, id=generation.event_id(seq)
+            )
+        else:
+            yield ServerSentEventMessage(data=event.text, id=generation.event_id(seq))
+
+
+def _exchange(conversation_id: UUID, user_message: Any, reply: Any) -> MessageExchange:
+    return MessageExchange(conversation_id, message_out(user_message), message_out(reply), response=reply.content)
 
 
 class ConversationController(Controller):
@@ -112,8 +138,13 @@ class ConversationController(Controller):
         summary="A conversation and its messages, oldest first",
         responses=_error_responses(400, 404),
     )
-    async def get_conversation(self, conversations: ConversationService, conversation_id: UUID) -> ConversationDetail:
-        conversation, messages = await conversations.get_with_messages(conversation_id)
+    async def get_conversation(
+        self,
+        conversations: ConversationService,
+        conversation_id: UUID,
+        tree: Annotated[bool, Parameter(description="Every message of every branch instead of the active one")] = False,
+    ) -> ConversationDetail:
+        conversation, messages = await conversations.get_with_messages(conversation_id, tree=tree)
         return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])
 
     @delete(
@@ -152,7 +183,7 @@ class ConversationController(Controller):
         operation_id="sendMessage",
         summary="Store a user message and return it with the model's complete reply",
         status_code=200,
-        responses=_error_responses(400, 404, 409, 413),
+        responses=_error_responses(400, 404, 409, 413, 429, 503),
     )
     async def send_message(
         self,
@@ -164,11 +195,9 @@ class ConversationController(Controller):
     ) -> MessageExchange:
         if data is None and role not in (None, "user"):
             raise InvalidInputError("role must be 'user'; replies come from the model", field="role")
-        options = ReplyOptions(data.max_tokens, data.temperature, data.top_p) if data else ReplyOptions()
-        user_message, reply = await chat.reply(
-            conversation_id, _given(data.content if data else None, content), options
-        )
-        return MessageExchange(conversation_id, message_out(user_message), message_out(reply), response=reply.content)
+        request = NewMessage(_given(data.content if data else None, content) or "")
+        user_message, reply = await chat.reply(conversation_id, request, _options(data))
+        return _exchange(conversation_id, user_message, reply)
 
     @get(
         "/{session_id:str}/stream",
@@ -187,6 +216,62 @@ class ConversationController(Controller):
         conversation_id: UUID,
         prompt: Annotated[str | None, Parameter(description="The user's message, form-encoded (+ is a space)")] = None,
         thinking: Annotated[bool, Parameter(description="Let a reasoning model think first (Qwen3 style)")] = False,
+        last_event_id: Annotated[
+            str | None, Parameter(header="Last-Event-ID", description="Resume after this event (EventSource sets it)")
+        ] = None,
     ) -> ServerSentEvent:
-        generation = await chat.start_reply(conversation_id, prompt, ReplyOptions(thinking=thinking))
-        return ServerSentEvent(_sse_events(generation), headers=STREAM_HEADERS)
+        generation, after = await chat.open_stream(
+            conversation_id, prompt, ReplyOptions(thinking=thinking), last_event_id
+        )
+        return ServerSentEvent(_sse_events(generation, after), headers=STREAM_HEADERS)
+
+    @post(
+        "/{session_id:str}/stop",
+        operation_id="stopReply",
+        summary="Stop the reply being generated; it is stored as cancelled with the text so far",
+        status_code=200,
+        responses=_error_responses(400, 404),
+    )
+    async def stop_reply(self, chat: ChatService, conversation_id: UUID) -> StopResult:
+        reply = await chat.stop(conversation_id)
+        if reply is None:
+            return StopResult(conversation_id, stopped=False, message="No reply was running", assistant_message=None)
+        return StopResult(conversation_id, stopped=True, message="Reply stopped", assistant_message=message_out(reply))
+
+    @post(
+        "/{session_id:str}/regenerate",
+        operation_id="regenerateReply",
+        summary="Generate another reply to the same user message; the old reply stays as a sibling branch",
+        status_code=200,
+        responses=_error_responses(400, 404, 409, 429, 503),
+    )
+    async def regenerate_reply(
+        self, chat: ChatService, conversation_id: UUID, data: RegenerateRequest | None = None
+    ) -> MessageExchange:
+        request = Regenerate(data.message_id if data else None)
+        user_message, reply = await chat.reply(conversation_id, request, _options(data))
+        return _exchange(conversation_id, user_message, reply)
+
+    @post(
+        "/{session_id:str}/messages/{message_id:str}/edit",
+        operation_id="editMessage",
+        summary="Store an edited user message as a new branch and reply to it; the original branch stays",
+        status_code=200,
+        dependencies={"message_id_value": Provide(parse_message_id, sync_to_thread=False)},
+        responses=_error_responses(400, 404, 409, 413, 429, 503),
+    )
+    async def edit_message(
+        self, chat: ChatService, conversation_id: UUID, message_id_value: UUID, data: EditRequest
+    ) -> MessageExchange:
+        user_message, reply = await chat.reply(conversation_id, Edit(message_id_value, data.content), _options(data))
+        return _exchange(conversation_id, user_message, reply)
+
+    @put(
+        "/{session_id:str}/branch",
+        operation_id="switchBranch",
+        summary="Make the branch through a message active; returns that branch",
+        responses=_error_responses(400, 404, 409),
+    )
+    async def switch_branch(self, chat: ChatService, conversation_id: UUID, data: BranchSwitch) -> ConversationDetail:
+        conversation, messages = await chat.switch_branch(conversation_id, data.message_id)
+        return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])

@@ -10,7 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.domain.errors import ChipiError
+from app.domain.errors import BusyError, ChipiError
 from app.domain.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,10 @@ def _invalid_field(exc: ValidationException) -> tuple[str, str | None]:
 
 
 def handle_chipi_error(_: Request[Any, Any, Any], exc: ChipiError) -> Response[Any]:
-    return error_response(exc.status_code, exc.detail, code=exc.code, field=exc.field)
+    response = error_response(exc.status_code, exc.detail, code=exc.code, field=exc.field)
+    if isinstance(exc, BusyError):
+        response.headers["Retry-After"] = str(exc.retry_after_seconds)
+    return response
 
 
 def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

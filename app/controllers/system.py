@@ -19,5 +19,9 @@ class SystemController(Controller):
     @get("/health", operation_id="health", summary="The loaded model and how many replies are being generated")
     async def health(self, chat: ChatService) -> Health:
         return Health(
-            status="ok", model=chat.model.name, device=chat.model.device, active_generations=chat.active_generations
+            status="ok",
+            model=chat.model.name,
+            device=chat.model.device,
+            active_generations=chat.active_generations,
+            queued_generations=chat.queued_generations,
         )

@@ -35,6 +35,17 @@ class TooLargeError(ChipiError):
     code = "too_large"
 
 
+class BusyError(ChipiError):
+    """Every generation slot is taken: 429 when the waiting queue is full, 503 when the wait timed out."""
+
+    code = "busy"
+
+    def __init__(self, detail: str, status_code: int, retry_after_seconds: int) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ModelUnavailableError(ChipiError):
     status_code = 503
     code = "model_unavailable"

@@ -37,6 +37,8 @@ class Conversation(UUIDv7AuditBase):
     title_source: Mapped[str] = mapped_column(String(16), default=TitleSource.DEFAULT.value)
     system_prompt: Mapped[str | None] = mapped_column(Text, default=None)
     model: Mapped[str] = mapped_column(String(255))
+    # The leaf of the active branch; no foreign key, so a deleted message simply falls back to the newest one.
+    active_message_id: Mapped[UUID | None] = mapped_column(default=None)
 
 
 class Message(UUIDv7AuditBase):

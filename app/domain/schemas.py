@@ -20,6 +20,7 @@ class Health(msgspec.Struct):
     model: str
     device: str
     active_generations: int
+    queued_generations: int
 
 
 class ErrorBody(msgspec.Struct):
@@ -40,12 +41,33 @@ class TitleUpdate(msgspec.Struct, forbid_unknown_fields=True):
     title: str
 
 
-class MessageCreate(msgspec.Struct, forbid_unknown_fields=True):
-    content: str
-    role: Literal["user"] = "user"
-    max_tokens: int | None = msgspec.field(default=None)
+class GenerationOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Optional per-request generation settings; absent means the server's default."""
+
+    max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+
+
+class MessageCreate(GenerationOptions, kw_only=True):
+    content: str
+    role: Literal["user"] = "user"
+
+
+class RegenerateRequest(GenerationOptions, kw_only=True):
+    """Which assistant reply to regenerate; without one, the latest reply of the active branch."""
+
+    message_id: UUID | None = None
+
+
+class EditRequest(GenerationOptions, kw_only=True):
+    content: str
+
+
+class BranchSwitch(msgspec.Struct, forbid_unknown_fields=True):
+    """Any message of the branch to make active; the branch is followed down to its newest reply."""
+
+    message_id: UUID
 
 
 class ConversationOut(msgspec.Struct):
@@ -56,6 +78,7 @@ class ConversationOut(msgspec.Struct):
     model: str
     created_at: datetime
     updated_at: datetime
+    active_message_id: UUID | None
 
 
 class ConversationCreated(ConversationOut):
@@ -85,6 +108,13 @@ class MessageOut(msgspec.Struct):
 class ConversationDetail(msgspec.Struct):
     conversation: ConversationOut
     messages: list[MessageOut]
+
+
+class StopResult(msgspec.Struct):
+    session_id: UUID
+    stopped: bool
+    message: str
+    assistant_message: MessageOut | None
 
 
 class ConversationDeleted(msgspec.Struct):
@@ -141,6 +171,7 @@ def conversation_out(conversation: Conversation, shape: type[C] = ConversationOu
         model=conversation.model,
         created_at=conversation.created_at,
         updated_at=conversation.updated_at,
+        active_message_id=conversation.active_message_id,
         **extra,
     )
 

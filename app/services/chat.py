@@ -1,8 +1,9 @@
-"""ChatService: runs a reply from the stored history through the model and stores it as it streams.
+"""ChatService: runs replies from the stored history through the model and stores them as they stream.
 
-A reply is a `Generation`: it belongs to the service, not to the request that started it, so a stream never
-holds a request's database session open. Its events are kept in order and any number of clients follow them;
-when the last client following a stream goes away, the model is stopped and the partial reply kept as cancelled.
+A reply is a `Generation`. It belongs to the service, not to the request that started it, so a stream never
+holds a request's database session open, and a dropped connection is not a stop: its events are kept in order,
+any number of clients follow them (a reconnecting one resumes after the last event it saw), and only when nobody
+has followed it for the grace period is the model stopped and the partial reply kept as cancelled.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -18,17 +20,18 @@ from uuid import UUID
 
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 
-from app.domain.errors import ConflictError, InvalidInputError
-from app.domain.models import Message, MessageStatus, Role
+from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError
+from app.domain.models import Conversation, Message, MessageStatus, Role
+from app.domain.reasoning import CLOSE_TAG, OPEN_TAG, Piece, ReasoningSplitter
 from app.domain.rules import clean_prompt
 from app.domain.schemas import StreamDone, StreamError, Usage
-from app.services.conversations import ConversationService
-from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
+from app.services.conversations import ConversationService, Edit, NewMessage, PlannedTurn, TurnRequest
+from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ChatEvent = TextDelta | StreamDone | StreamError
+ChatEvent = Piece | StreamDone | StreamError
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,24 @@ class ReplyOptions:
 
 
 class Generation:
-    """One reply being generated: the events so far, and the clients following them."""
+    """One reply being generated: its events so far, and the clients following them."""
 
-    def __init__(self, conversation_id: UUID, user_message: Message, reply: Message) -> None:
+    def __init__(self, conversation_id: UUID, user_message: Message, reply: Message, grace_seconds: float) -> None:
         self.conversation_id = conversation_id
         self.user_message = user_message
         self.reply = reply
         self.events: list[ChatEvent] = []
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # read by the model's thread
         self.finished = asyncio.Event()
         self._changed = asyncio.Event()
         self._followers = 0
+        self._grace_seconds = grace_seconds
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._arm_grace_timer()  # a client that never attaches counts as one that left
+
+    def event_id(self, seq: int) -> str:
+        """An id naming the reply and the event's place in it, so a reconnecting client can resume."""
+        return f"{self.reply.id}:{seq}"
 
     def publish(self, event: ChatEvent) -> None:
         self.events.append(event)
@@ -63,10 +73,11 @@ class Generation:
         """Stop the model after the token it is computing; the reply is then stored as cancelled."""
         self.cancelled.set()
 
-    async def follow(self) -> AsyncIterator[tuple[int, ChatEvent]]:
-        """Every event with its sequence number (from 1), as it comes, until done or error."""
+    async def follow(self, after: int = 0) -> AsyncIterator[tuple[int, ChatEvent]]:
+        """Every event after sequence number `after` (events count from 1), as it comes, until done or error."""
         self._followers += 1
-        sent = 0
+        self._disarm_grace_timer()
+        sent = after
         try:
             while True:
                 changed = self._changed
@@ -74,28 +85,56 @@ class Generation:
                     event = self.events[sent]
                     sent += 1
                     yield sent, event
-                    if not isinstance(event, TextDelta):
+                    if isinstance(event, StreamDone | StreamError):
                         return
                 await changed.wait()
         finally:
             self._followers -= 1
-            if self._followers == 0 and not self.finished.is_set():
-                self.cancel()  # nobody is left to read the reply: stop computing it
+            if self._followers == 0:
+                self._arm_grace_timer()
+
+    def _arm_grace_timer(self) -> None:
+        if not self.finished.is_set() and self._grace_timer is None:
+            loop = asyncio.get_running_loop()
+            self._grace_timer = loop.call_later(self._grace_seconds, self._stop_if_unwatched)
+
+    def _disarm_grace_timer(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+
+    def _stop_if_unwatched(self) -> None:
+        self._grace_timer = None
+        if self._followers == 0:
+            self.cancel()  # nobody came back for the reply: stop computing it
+
+    def settle(self) -> None:
+        self._disarm_grace_timer()
+        self.finished.set()
 
 
 class ChatService:
-    """Starts replies, tracks the running ones (one per conversation) and stores their outcome."""
+    """Starts replies, tracks the running ones (one per conversation, a capped number in all), stores them."""
 
     def __init__(self, model: ModelService, db_config: SQLAlchemyAsyncConfig, settings: Settings) -> None:
         self.model = model
         self._db_config = db_config
         self._settings = settings
         self._running: dict[UUID, Generation | None] = {}  # None: reserved while the reply is being set up
+        self._recent: dict[UUID, Generation] = {}  # finished replies, kept for clients that reconnect late
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.max_concurrent_generations)
+        self._waiting = 0
+        vocabulary = model.tokenizer.get_vocab()
+        self._splits_reasoning = OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary  # a Qwen3-style thinker
 
     @property
     def active_generations(self) -> int:
         return sum(1 for generation in self._running.values() if generation is not None)
+
+    @property
+    def queued_generations(self) -> int:
+        return self._waiting
 
     def _params(self, options: ReplyOptions) -> GenerationParams:
         limit = self._settings.max_new_tokens
@@ -110,47 +149,156 @@ class ChatService:
             raise InvalidInputError("top_p must be above 0 and at most 1", field="top_p")
         return GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
 
-    async def start_reply(self, conversation_id: UUID, content: str | None, options: ReplyOptions) -> Generation:
-        """Store the user's message and start generating the reply to it from the conversation's history."""
-        content = clean_prompt(content, max_chars=self._settings.max_prompt_chars)
+    def _checked(self, request: TurnRequest) -> TurnRequest:
+        max_chars = self._settings.max_prompt_chars
+        if isinstance(request, NewMessage):
+            return NewMessage(clean_prompt(request.content, max_chars=max_chars))
+        if isinstance(request, Edit):
+            return Edit(request.message_id, clean_prompt(request.content, max_chars=max_chars))
+        return request
+
+    async def _take_slot(self) -> None:
+        """Wait for one of the capped generation slots, in a bounded queue for a bounded time."""
+        retry_after = max(1, math.ceil(self._settings.queue_timeout_seconds))
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        if self._waiting >= self._settings.max_queued_generations:
+            raise BusyError("too many replies are waiting for the model; try again shortly", 429, retry_after)
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=self._settings.queue_timeout_seconds)
+        except TimeoutError:
+            raise BusyError("the model is busy with other replies; try again shortly", 503, retry_after) from None
+        finally:
+            self._waiting -= 1
+
+    async def start_reply(self, conversation_id: UUID, request: TurnRequest, options: ReplyOptions) -> Generation:
+        """Store the turn's user message and start generating the reply from the active branch's history."""
+        request = self._checked(request)
         params = self._params(options)
         if conversation_id in self._running:
             raise ConflictError("a reply is already being generated in this conversation", field="session_id")
         self._running[conversation_id] = None
+        slot_taken = False
         try:
+            await self._take_slot()
+            slot_taken = True
             async with ConversationService.new(config=self._db_config) as conversations:
-                conversation = await conversations.get_conversation(conversation_id)
-                branch = await conversations.active_branch(conversation_id)
-                history = [ChatTurn(m.role, m.content) for m in branch if m.role != Role.SYSTEM and m.content]
-                prompt = self.model.build_prompt(
-                    conversation.system_prompt or self._settings.system_prompt or None,
-                    [*history, ChatTurn(Role.USER.value, content)],
-                    params.max_new_tokens,
-                    thinking=options.thinking,
-                )
-                user_message, reply = await conversations.add_exchange(
-                    conversation, branch[-1] if branch else None, content
-                )
+                turn = await conversations.plan_turn(conversation_id, request)
+                prompt = self._prompt_for(turn, params, options)
+                user_message, reply = await conversations.store_turn(turn)
         except BaseException:
             del self._running[conversation_id]
+            if slot_taken:
+                self._slots.release()
             raise
-        generation = Generation(conversation_id, user_message, reply)
+        generation = Generation(conversation_id, user_message, reply, self._settings.disconnect_grace_seconds)
         self._running[conversation_id] = generation
+        self._recent.pop(conversation_id, None)
         task = asyncio.create_task(self._generate(generation, prompt, params))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return generation
 
-    async def reply(self, conversation_id: UUID, content: str | None, options: ReplyOptions) -> tuple[Message, Message]:
-        """Store the user's message, generate the whole reply, and return both as stored."""
-        generation = await self.start_reply(conversation_id, content, options)
-        await generation.finished.wait()
+    def _prompt_for(self, turn: PlannedTurn, params: GenerationParams, options: ReplyOptions) -> Prompt:
+        history = [ChatTurn(m.role, m.content) for m in turn.history if m.role != Role.SYSTEM and m.content]
+        return self.model.build_prompt(
+            turn.conversation.system_prompt or self._settings.system_prompt or None,
+            [*history, ChatTurn(Role.USER.value, turn.content)],
+            params.max_new_tokens,
+            thinking=options.thinking,
+        )
+
+    async def reply(
+        self, conversation_id: UUID, request: TurnRequest, options: ReplyOptions
+    ) -> tuple[Message, Message]:
+        """Store the turn, generate the whole reply, and return the user message and the reply as stored."""
+        generation = await self.start_reply(conversation_id, request, options)
+        async for _ in generation.follow():  # following (not just waiting) keeps the grace timer off
+            pass
         async with ConversationService.new(config=self._db_config) as conversations:
-            reply = await conversations.messages.get(generation.reply.id)
+            reply = await conversations.get_message(generation.reply.id)
         return generation.user_message, reply
 
+    async def open_stream(
+        self, conversation_id: UUID, prompt: str | None, options: ReplyOptions, last_event_id: str | None
+    ) -> tuple[Generation, int]:
+        """What an SSE client gets: a resumed reply (Last-Event-ID), the running one (no prompt), or a new one."""
+        if last_event_id:
+            return self.watch(conversation_id, last_event_id)
+        if prompt is None and conversation_id in self._running:
+            return self.watch(conversation_id)
+        return await self.start_reply(conversation_id, NewMessage(prompt or ""), options), 0
+
+    async def check_conversation(self, conversation_id: UUID) -> None:
+        """Raise NotFoundError unless the conversation exists."""
+        async with ConversationService.new(config=self._db_config) as conversations:
+            await conversations.get_conversation(conversation_id)
+
+    def watch(self, conversation_id: UUID, last_event_id: str | None = None) -> tuple[Generation, int]:
+        """The reply running in a conversation (or just finished), and where a client resumes in it.
+
+        With `last_event_id` (SSE's Last-Event-ID, or a resume frame) the client gets every event after it exactly
+        once; without, it gets the reply from its start.
+        """
+        generation = self._running.get(conversation_id) or self._recent.get(conversation_id)
+        if last_event_id is None:
+            if generation is None or conversation_id not in self._running:
+                raise NotFoundError("no reply is being generated in this conversation", field="session_id")
+            return generation, 0
+        reply_id, _, seq = last_event_id.rpartition(":")
+        if generation is None or reply_id != str(generation.reply.id):
+            raise NotFoundError("that reply is over and no longer streaming; read it from the conversation")
+        if not seq.isdigit():
+            raise InvalidInputError("Last-Event-ID must be an id this stream sent", field="Last-Event-ID")
+        return generation, int(seq)
+
+    def watch_from_seq(self, conversation_id: UUID, last_seq: int) -> tuple[Generation, int]:
+        """As `watch`, for a client that counts events (the WebSocket `resume` frame)."""
+        generation = self._running.get(conversation_id) or self._recent.get(conversation_id)
+        if generation is None:
+            raise NotFoundError("no reply is being generated in this conversation", field="session_id")
+        return generation, max(0, last_seq)
+
+    async def stop(self, conversation_id: UUID) -> Message | None:
+        """Stop the running reply and wait until it is stored as cancelled; None when nothing was running."""
+        generation = self._running.get(conversation_id)
+        if generation is None:
+            return None
+        generation.cancel()
+        await generation.finished.wait()
+        return generation.reply
+
+    async def switch_branch(self, conversation_id: UUID, message_id: UUID) -> tuple[Conversation, list[Message]]:
+        """Make another branch active; refused while a reply is being generated on the current one."""
+        if conversation_id in self._running:
+            raise ConflictError("wait for the running reply (or stop it) before switching branches")
+        async with ConversationService.new(config=self._db_config) as conversations:
+            return await conversations.switch_branch(conversation_id, message_id)
+
     async def _generate(self, generation: Generation, prompt: Prompt, params: GenerationParams) -> None:
-        parts: list[str] = []
+        splitter = ReasoningSplitter() if self._splits_reasoning else None
+        content: list[str] = []
+        reasoning: list[str] = []
+
+        def take(pieces: list[Piece]) -> None:
+            for piece in pieces:
+                if piece.kind == "content":
+                    content.append(piece.text)
+                elif piece.kind == "reasoning":
+                    reasoning.append(piece.text)
+                generation.publish(piece)
+
+        async def save(
+            status: MessageStatus, finished: GenerationFinished | None = None, reason: str | None = None
+        ) -> None:
+            stored = await self._save(
+                generation, "".join(content), "".join(reasoning) or None, status, finished, reason
+            )
+            if stored is None:  # the conversation was deleted under the reply
+                generation.cancel()
+
         flushed_at = time.monotonic()
         try:
             finished = GenerationFinished("error", len(prompt.token_ids), 0)
@@ -158,13 +306,13 @@ class ChatService:
                 if isinstance(output, GenerationFinished):
                     finished = output
                     continue
-                parts.append(output.text)
-                generation.publish(output)
+                take(splitter.feed(output.text) if splitter else [Piece("content", output.text)])
                 if time.monotonic() - flushed_at >= self._settings.stream_flush_seconds:
-                    await self._save(generation, "".join(parts), MessageStatus.STREAMING)
+                    await save(MessageStatus.STREAMING)
                     flushed_at = time.monotonic()
-            status = MessageStatus.CANCELLED if finished.finish_reason == "cancelled" else MessageStatus.COMPLETE
-            await self._save(generation, "".join(parts), status, finished)
+            take(splitter.flush() if splitter else [])
+            cancelled = finished.finish_reason == "cancelled"
+            await save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE, finished)
             generation.publish(
                 StreamDone(
                     user_message_id=generation.user_message.id,
@@ -175,41 +323,55 @@ class ChatService:
             )
         except asyncio.CancelledError:  # the server is shutting down
             generation.cancel()
-            await self._save(generation, "".join(parts), MessageStatus.CANCELLED, reason="cancelled")
+            await save(MessageStatus.CANCELLED, reason="cancelled")
             generation.publish(StreamError(code="shutting_down", detail="the server stopped before the reply ended"))
             raise
         except Exception:
             logger.exception("generation failed in conversation %s", generation.conversation_id)
             generation.cancel()
             with contextlib.suppress(Exception):
-                await self._save(generation, "".join(parts), MessageStatus.ERROR, reason="error")
+                await save(MessageStatus.ERROR, reason="error")
             generation.publish(StreamError(code="generation_failed", detail="the model failed to generate a reply"))
         finally:
             self._running.pop(generation.conversation_id, None)
-            generation.finished.set()
+            self._slots.release()
+            generation.settle()
+            self._keep_for_late_clients(generation)
+
+    def _keep_for_late_clients(self, generation: Generation) -> None:
+        conversation_id = generation.conversation_id
+        self._recent[conversation_id] = generation
+        loop = asyncio.get_running_loop()
+
+        def forget() -> None:
+            if self._recent.get(conversation_id) is generation:
+                del self._recent[conversation_id]
+
+        loop.call_later(self._settings.disconnect_grace_seconds, forget)
 
     async def _save(
         self,
         generation: Generation,
         content: str,
+        reasoning: str | None,
         status: MessageStatus,
-        finished: GenerationFinished | None = None,
-        reason: str | None = None,
-    ) -> None:
-        """Write the reply in a short session of its own; stop generating if its conversation was deleted."""
+        finished: GenerationFinished | None,
+        reason: str | None,
+    ) -> Message | None:
+        """Write the reply in a short session of its own."""
         async with ConversationService.new(config=self._db_config) as conversations:
             stored = await conversations.save_reply(
                 generation.reply.id,
                 content=content,
+                reasoning=reasoning,
                 status=status,
                 prompt_tokens=finished.prompt_tokens if finished else None,
                 completion_tokens=finished.completion_tokens if finished else None,
                 finish_reason=finished.finish_reason if finished else reason,
             )
-        if stored is None:
-            generation.cancel()
-        else:
+        if stored is not None:
             generation.reply = stored
+        return stored
 
     async def shutdown(self) -> None:
         """Stop every running reply and wait until each is stored as cancelled."""

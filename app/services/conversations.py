@@ -1,18 +1,56 @@
-"""ConversationService: the rules for conversations and their messages, over one database session."""
+"""ConversationService: the rules for conversations and their message trees, over one database session."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
 
-from app.domain.errors import NotFoundError
+from app.domain.branches import active_path, newest_leaf_under, path_to
+from app.domain.errors import InvalidInputError, NotFoundError
 from app.domain.models import Conversation, Message, MessageStatus, Role, TitleSource
 from app.domain.rules import DEFAULT_TITLE, auto_title
 from app.repositories.conversations import ConversationRepository, MessageRepository
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """Reply to a new user message at the end of the active branch."""
+
+    content: str
+
+
+@dataclass(frozen=True)
+class Regenerate:
+    """Another reply to the user message that `message_id` (an assistant reply) answered; None: the latest."""
+
+    message_id: UUID | None = None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A new version of the user message `message_id`, as a new branch, and a reply to it."""
+
+    message_id: UUID
+    content: str
+
+
+TurnRequest = NewMessage | Regenerate | Edit
+
+
+@dataclass
+class PlannedTurn:
+    """What a turn will store, and the history the model will see before the user's message."""
+
+    conversation: Conversation
+    history: list[Message]
+    content: str
+    user_message: Message | None  # an existing user message (regenerate), or None to store a new one
+    parent_id: UUID | None  # the new user message's parent
 
 
 class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, ConversationRepository]):
@@ -43,24 +81,13 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             raise NotFoundError(f"conversation {conversation_id} not found", field="session_id")
         return conversation
 
-    async def get_with_messages(self, conversation_id: UUID) -> tuple[Conversation, list[Message]]:
-        """A conversation and its active branch, oldest message first."""
+    async def get_with_messages(
+        self, conversation_id: UUID, *, tree: bool = False
+    ) -> tuple[Conversation, list[Message]]:
+        """A conversation and its active branch (or, with `tree`, every message of every branch), oldest first."""
         conversation = await self.get_conversation(conversation_id)
-        return conversation, await self.active_branch(conversation_id)
-
-    async def active_branch(self, conversation_id: UUID) -> list[Message]:
-        """The path from the root to the newest message, following `parent_id`."""
         messages = await self.messages.list_for_conversation(conversation_id)
-        if not messages:
-            return []
-        by_id = {message.id: message for message in messages}
-        branch: list[Message] = []
-        current: Message | None = messages[-1]
-        while current is not None:
-            branch.append(current)
-            current = by_id.get(current.parent_id) if current.parent_id else None
-        branch.reverse()
-        return branch
+        return conversation, list(messages) if tree else active_path(messages, conversation.active_message_id)
 
     async def rename(self, conversation_id: UUID, title: str) -> Conversation:
         conversation = await self.get_conversation(conversation_id)
@@ -72,21 +99,73 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         await self.get_conversation(conversation_id)
         await self.delete(conversation_id, auto_commit=True)
 
-    async def add_exchange(
-        self, conversation: Conversation, parent: Message | None, content: str
-    ) -> tuple[Message, Message]:
-        """Store the user's message and an empty `streaming` assistant reply to it, in one transaction.
+    async def switch_branch(self, conversation_id: UUID, message_id: UUID) -> tuple[Conversation, list[Message]]:
+        """Make the branch through `message_id` active (down to its newest leaf) and return it."""
+        conversation = await self.get_conversation(conversation_id)
+        messages = await self.messages.list_for_conversation(conversation_id)
+        by_id = {message.id: message for message in messages}
+        if message_id not in by_id:
+            raise NotFoundError(f"message {message_id} not found in this conversation", field="message_id")
+        leaf = newest_leaf_under(messages, by_id[message_id])
+        conversation.active_message_id = leaf.id
+        await self.repository.session.commit()
+        return conversation, path_to(by_id, leaf)
 
-        The first user message names a conversation that still has its default title.
+    async def plan_turn(self, conversation_id: UUID, request: TurnRequest) -> PlannedTurn:
+        """Work out where a turn goes in the message tree; nothing is written yet."""
+        conversation = await self.get_conversation(conversation_id)
+        messages = await self.messages.list_for_conversation(conversation_id)
+        by_id = {message.id: message for message in messages}
+        if isinstance(request, NewMessage):
+            history = active_path(messages, conversation.active_message_id)
+            parent_id = history[-1].id if history else None
+            return PlannedTurn(conversation, history, request.content, None, parent_id)
+        if isinstance(request, Regenerate):
+            reply = (
+                self._find(by_id, request.message_id)
+                if request.message_id
+                else self._latest_reply(messages, conversation)
+            )
+            if reply.role != Role.ASSISTANT or reply.parent_id not in by_id:
+                raise InvalidInputError("only an assistant reply can be regenerated", field="message_id")
+            user_message = by_id[reply.parent_id]
+            history = path_to(by_id, user_message)[:-1]
+            return PlannedTurn(conversation, history, user_message.content, user_message, user_message.parent_id)
+        edited = self._find(by_id, request.message_id)
+        if edited.role != Role.USER:
+            raise InvalidInputError("only a user message can be edited", field="message_id")
+        parent = by_id.get(edited.parent_id) if edited.parent_id else None
+        return PlannedTurn(conversation, path_to(by_id, parent), request.content, None, edited.parent_id)
+
+    @staticmethod
+    def _find(by_id: dict[UUID, Message], message_id: UUID) -> Message:
+        if message_id not in by_id:
+            raise NotFoundError(f"message {message_id} not found in this conversation", field="message_id")
+        return by_id[message_id]
+
+    @staticmethod
+    def _latest_reply(messages: Sequence[Message], conversation: Conversation) -> Message:
+        for message in reversed(active_path(messages, conversation.active_message_id)):
+            if message.role == Role.ASSISTANT:
+                return message
+        raise InvalidInputError("there is no reply to regenerate yet", field="message_id")
+
+    async def store_turn(self, turn: PlannedTurn) -> tuple[Message, Message]:
+        """Store the user's message (unless it exists) and an empty `streaming` reply, in one transaction.
+
+        The reply becomes the active leaf. The first user message names a conversation that has no title yet.
         """
-        user_message = Message(
-            conversation_id=conversation.id,
-            parent_id=parent.id if parent else None,
-            role=Role.USER.value,
-            content=content,
-            status=MessageStatus.COMPLETE.value,
-        )
-        await self.messages.add(user_message)
+        conversation = turn.conversation
+        user_message = turn.user_message
+        if user_message is None:
+            user_message = Message(
+                conversation_id=conversation.id,
+                parent_id=turn.parent_id,
+                role=Role.USER.value,
+                content=turn.content,
+                status=MessageStatus.COMPLETE.value,
+            )
+            await self.messages.add(user_message)
         reply = Message(
             conversation_id=conversation.id,
             parent_id=user_message.id,
@@ -96,8 +175,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         )
         await self.messages.add(reply)
         if conversation.title_source == TitleSource.DEFAULT.value:
-            conversation.title = auto_title(content)
+            conversation.title = auto_title(turn.content)
             conversation.title_source = TitleSource.AUTO.value
+        conversation.active_message_id = reply.id
         conversation.updated_at = datetime.now(UTC)
         await self.repository.session.commit()
         return user_message, reply
@@ -107,6 +187,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         reply_id: UUID,
         *,
         content: str,
+        reasoning: str | None,
         status: MessageStatus,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
@@ -117,6 +198,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         if reply is None:
             return None
         reply.content = content
+        reply.reasoning = reasoning
         reply.status = status.value
         if prompt_tokens is not None:
             reply.prompt_tokens = prompt_tokens
@@ -131,6 +213,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
                 conversation.updated_at = datetime.now(UTC)
         await self.repository.session.commit()
         return reply
+
+    async def get_message(self, message_id: UUID) -> Message:
+        return await self.messages.get(message_id)
 
     async def finish_interrupted_replies(self) -> int:
         """Mark replies a dead process left `streaming` as `error`; run once at start-up."""
