@@ -31,7 +31,7 @@ from app.domain.frames import (
 from app.domain.reasoning import Piece
 from app.domain.schemas import StreamDone, StreamError, message_out
 from app.services.chat import ChatService, Generation, ReplyOptions
-from app.services.conversations import NewMessage, Regenerate
+from app.services.conversations import NewMessage, Regenerate, TurnRequest
 from app.settings import Settings
 
 _decode_frame = msgspec.json.Decoder(ClientFrame).decode
@@ -81,18 +81,20 @@ class ChatSocket:
     async def _dispatch(self, frame: ClientFrame) -> None:
         if isinstance(frame, MessageFrame):
             options = ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p, frame.thinking)
-            generation = await self._chat.start_reply(self._conversation_id, NewMessage(frame.content), options)
-            await self.send(UserMessageFrame(message=message_out(generation.user_message)))
-            self._forward(generation, 0)
+            await self._start(NewMessage(frame.content), options)
         elif isinstance(frame, RegenerateFrame):
-            options = ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p)
-            generation = await self._chat.start_reply(self._conversation_id, Regenerate(frame.message_id), options)
-            await self.send(UserMessageFrame(message=message_out(generation.user_message)))
-            self._forward(generation, 0)
+            await self._start(
+                Regenerate(frame.message_id), ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p)
+            )
         elif isinstance(frame, StopFrame):
             await self._chat.stop(self._conversation_id)  # the forwarder then sends `done` (cancelled)
         elif isinstance(frame, ResumeFrame):
-            self._forward(*self._chat.watch_from_seq(self._conversation_id, frame.last_seq))
+            self._forward(*self._chat.watch(self._conversation_id, after=frame.last_seq))
+
+    async def _start(self, request: TurnRequest, options: ReplyOptions) -> None:
+        generation = await self._chat.start_reply(self._conversation_id, request, options)
+        await self.send(UserMessageFrame(message=message_out(generation.user_message)))
+        self._forward(generation, 0)
 
     def _forward(self, generation: Generation, after: int) -> None:
         if self._forwarder is not None:

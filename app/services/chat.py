@@ -226,7 +226,10 @@ class ChatService:
     ) -> tuple[Generation, int]:
         """What an SSE client gets: a resumed reply (Last-Event-ID), the running one (no prompt), or a new one."""
         if last_event_id:
-            return self.watch(conversation_id, last_event_id)
+            reply_id, _, seq = last_event_id.rpartition(":")
+            if not seq.isdigit():
+                raise InvalidInputError("Last-Event-ID must be an id this stream sent", field="Last-Event-ID")
+            return self.watch(conversation_id, after=int(seq), reply_id=reply_id)
         if prompt is None and conversation_id in self._running:
             return self.watch(conversation_id)
         return await self.start_reply(conversation_id, NewMessage(prompt or ""), options), 0
@@ -236,30 +239,18 @@ class ChatService:
         async with ConversationService.new(config=self._db_config) as conversations:
             await conversations.get_conversation(conversation_id)
 
-    def watch(self, conversation_id: UUID, last_event_id: str | None = None) -> tuple[Generation, int]:
-        """The reply running in a conversation (or just finished), and where a client resumes in it.
+    def watch(self, conversation_id: UUID, *, after: int = 0, reply_id: str | None = None) -> tuple[Generation, int]:
+        """The reply running in a conversation (or just finished), and where a client resumes following it.
 
-        With `last_event_id` (SSE's Last-Event-ID, or a resume frame) the client gets every event after it exactly
-        once; without, it gets the reply from its start.
+        A client that saw events up to `after` (SSE's Last-Event-ID, the WebSocket's `resume`) gets every later
+        event exactly once; `reply_id`, when given, must name that reply.
         """
         generation = self._running.get(conversation_id) or self._recent.get(conversation_id)
-        if last_event_id is None:
-            if generation is None or conversation_id not in self._running:
-                raise NotFoundError("no reply is being generated in this conversation", field="session_id")
-            return generation, 0
-        reply_id, _, seq = last_event_id.rpartition(":")
-        if generation is None or reply_id != str(generation.reply.id):
-            raise NotFoundError("that reply is over and no longer streaming; read it from the conversation")
-        if not seq.isdigit():
-            raise InvalidInputError("Last-Event-ID must be an id this stream sent", field="Last-Event-ID")
-        return generation, int(seq)
-
-    def watch_from_seq(self, conversation_id: UUID, last_seq: int) -> tuple[Generation, int]:
-        """As `watch`, for a client that counts events (the WebSocket `resume` frame)."""
-        generation = self._running.get(conversation_id) or self._recent.get(conversation_id)
-        if generation is None:
-            raise NotFoundError("no reply is being generated in this conversation", field="session_id")
-        return generation, max(0, last_seq)
+        if generation is None or (reply_id is not None and reply_id != str(generation.reply.id)):
+            raise NotFoundError(
+                "no reply is streaming here any more; read it from the conversation", field="session_id"
+            )
+        return generation, max(0, after)
 
     async def stop(self, conversation_id: UUID) -> Message | None:
         """Stop the running reply and wait until it is stored as cancelled; None when nothing was running."""
