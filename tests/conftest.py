@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.assets import ensure_default_model
+from app.assets import ensure_default_assets
 from app.settings import Settings
 from tests.server import TEST_MAX_NEW_TOKENS, ChipiServer
 
@@ -26,8 +26,8 @@ REQUIRE_POSTGRES = os.environ.get("CHIPI_TEST_REQUIRE_POSTGRES") == "1"
 
 @pytest.fixture(scope="session", autouse=True)
 def default_model() -> None:
-    """The real default model, fetched and converted once (as `make run` does)."""
-    ensure_default_model(Settings.from_env())
+    """The real default models (LLM, whisper, Piper voice), fetched and converted once (as `make run` does)."""
+    ensure_default_assets(Settings.from_env())
 
 
 def _postgres_database() -> Iterator[str]:

@@ -18,6 +18,8 @@ TEST_MAX_NEW_TOKENS = 48
 TEST_MAX_PROMPT_CHARS = 4000
 TEST_CONTEXT_WINDOW = 1024
 TEST_GRACE_SECONDS = 1.0
+TEST_MAX_AUDIO_BYTES = 2_000_000  # small, so the 413 for a recording over the limit is quick to provoke
+TEST_MAX_AUDIO_SECONDS = 60
 
 
 def free_port() -> int:
@@ -43,6 +45,8 @@ class ChipiServer:
             "CHIPI_CONTEXT_WINDOW": str(TEST_CONTEXT_WINDOW),
             "CHIPI_DISCONNECT_GRACE_SECONDS": str(TEST_GRACE_SECONDS),
             "CHIPI_WS_HEARTBEAT_SECONDS": "1",
+            "CHIPI_MAX_AUDIO_BYTES": str(TEST_MAX_AUDIO_BYTES),
+            "CHIPI_MAX_AUDIO_SECONDS": str(TEST_MAX_AUDIO_SECONDS),
             "CHIPI_LOG_LEVEL": "warning",
             **settings,
         }

@@ -26,9 +26,13 @@ async def test_a_server_killed_mid_stream_keeps_the_user_message(database_url: s
                         await asyncio.sleep(0.5)  # let a periodic write land
                         doomed.kill()
                         break
-    with ChipiServer(database_url) as restarted:
+    with ChipiServer(database_url, CHIPI_STALE_STREAM_SECONDS="1") as restarted:
         async with httpx.AsyncClient(base_url=restarted.url, timeout=60) as client:
-            messages = (await get_conversation(client, session_id))["messages"]
+            for _ in range(100):  # the sweep finds the reply nobody has written for a second
+                messages = (await get_conversation(client, session_id))["messages"]
+                if messages[-1]["status"] != "streaming":
+                    break
+                await asyncio.sleep(0.1)
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[0]["content"] == prompt
     reply = messages[1]

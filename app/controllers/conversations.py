@@ -39,7 +39,7 @@ from app.domain.schemas import (
     conversation_out,
     message_out,
 )
-from app.services.chat import ChatService, Generation, ReplyOptions
+from app.services.chat import ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
 from app.services.conversations import ConversationService, Edit, NewMessage, Regenerate
 from app.settings import Settings
 
@@ -82,13 +82,16 @@ async def _sse_events(generation: Generation, after: int) -> AsyncIterator[Serve
     """The reply as the seed's frontend reads it: unnamed text events (reasoning between `<think>` and
     `</think>` events), then a named `done` or `error` event. Each id lets EventSource resume via Last-Event-ID."""
     async for seq, event in generation.follow(after):
-        if isinstance(event, StreamDone | StreamError):
-            name = "done" if isinstance(event, StreamDone) else "error"
-            yield ServerSentEventMessage(
-                data=msgspec.json.encode(event).decode(), event=name, id=generation.event_id(seq)
-            )
+        event_id = generation.event_id(seq)
+        if isinstance(event, ReplyFinished):
+            assert generation.user_message is not None and generation.reply is not None
+            done = StreamDone(generation.user_message.id, generation.reply.id, event.usage, event.finish_reason)
+            yield ServerSentEventMessage(data=msgspec.json.encode(done).decode(), event="done", id=event_id)
+        elif isinstance(event, ReplyFailed):
+            error = StreamError(code=event.code, detail=event.detail)
+            yield ServerSentEventMessage(data=msgspec.json.encode(error).decode(), event="error", id=event_id)
         else:
-            yield ServerSentEventMessage(data=event.text, id=generation.event_id(seq))
+            yield ServerSentEventMessage(data=event.text, id=event_id)
 
 
 def _exchange(conversation_id: UUID, user_message: Any, reply: Any) -> MessageExchange:
@@ -100,7 +103,12 @@ class ConversationController(Controller):
     tags = ["conversations"]
     dependencies = {"conversation_id": Provide(parse_session_id, sync_to_thread=False)}
 
-    @get("/", operation_id="listConversations", summary="Conversations, most recently updated first")
+    @get(
+        "/",
+        operation_id="listConversations",
+        summary="Conversations, most recently updated first",
+        responses=_error_responses(400),
+    )
     async def list_conversations(
         self,
         conversations: ConversationService,

@@ -1,8 +1,10 @@
-"""The one error mapper: every failure becomes a JSON ErrorBody with the right status."""
+"""The one error mapper: every failure becomes a JSON error with the right status."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
@@ -11,6 +13,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.domain.errors import BusyError, ChipiError
+from app.domain.openai import OpenAIError, OpenAIErrorBody
 from app.domain.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
@@ -27,11 +30,15 @@ _CODES = {
 }
 
 
-def error_response(
-    status_code: int, detail: str, *, code: str | None = None, field: str | None = None
-) -> Response[Any]:
-    body = ErrorBody(status_code=status_code, detail=detail, code=code or _CODES.get(status_code, "error"), field=field)
-    return Response(content=body, status_code=status_code, media_type="application/json")
+@dataclass(frozen=True)
+class ErrorInfo:
+    """What went wrong, independent of how it is rendered."""
+
+    status_code: int
+    detail: str
+    code: str
+    field: str | None = None
+    headers: dict[str, str] = dataclass_field(default_factory=dict)
 
 
 def _invalid_field(exc: ValidationException) -> tuple[str, str | None]:
@@ -45,43 +52,51 @@ def _invalid_field(exc: ValidationException) -> tuple[str, str | None]:
     return str(exc.detail), None
 
 
-def handle_chipi_error(_: Request[Any, Any, Any], exc: ChipiError) -> Response[Any]:
-    response = error_response(exc.status_code, exc.detail, code=exc.code, field=exc.field)
+def describe_error(exc: Exception) -> ErrorInfo:
+    """Status, code and message for any exception; bad input is never a 500."""
     if isinstance(exc, BusyError):
-        response.headers["Retry-After"] = str(exc.retry_after_seconds)
-    return response
-
-
-def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+        return ErrorInfo(
+            exc.status_code, exc.detail, exc.code, exc.field, {"Retry-After": str(exc.retry_after_seconds)}
+        )
+    if isinstance(exc, ChipiError):
+        return ErrorInfo(exc.status_code, exc.detail, exc.code, exc.field)
     if isinstance(exc, ValidationException):
         detail, field = _invalid_field(exc)
-        return error_response(400, detail, field=field)
-    headers = exc.headers or None
-    response = error_response(exc.status_code, str(exc.detail))
-    if headers:
-        response.headers.update(headers)
-    return response
-
-
-def handle_repository_not_found(_: Request[Any, Any, Any], exc: RepositoryNotFoundError) -> Response[Any]:
-    return error_response(404, "not found")
-
-
-def handle_database_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.error("database unavailable: %s", exc)
-    return error_response(503, "the database is unavailable; try again shortly", code="database_unavailable")
-
-
-def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        return ErrorInfo(400, detail, _CODES[400], field)
+    if isinstance(exc, HTTPException):
+        code = _CODES.get(exc.status_code, "error")
+        return ErrorInfo(exc.status_code, str(exc.detail), code, None, dict(exc.headers or {}))
+    if isinstance(exc, RepositoryNotFoundError):
+        return ErrorInfo(404, "not found", _CODES[404])
+    if isinstance(exc, OperationalError | InterfaceError):
+        logger.error("database unavailable: %s", exc)
+        return ErrorInfo(503, "the database is unavailable; try again shortly", "database_unavailable")
     logger.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error", code="internal_error")
+    return ErrorInfo(500, "internal server error", "internal_error")
+
+
+def _openai_error_type(status_code: int) -> str:
+    if status_code == 429:
+        return "rate_limit_error"
+    return "server_error" if status_code >= 500 else "invalid_request_error"
+
+
+def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The one exception handler: Chipi's ErrorBody, or OpenAI's error shape under /v1."""
+    info = describe_error(exc)
+    if request.url.path.startswith("/v1/"):
+        content: Any = OpenAIErrorBody(
+            OpenAIError(
+                message=info.detail, type=_openai_error_type(info.status_code), param=info.field, code=info.code
+            )
+        )
+    else:
+        content = ErrorBody(status_code=info.status_code, detail=info.detail, code=info.code, field=info.field)
+    return Response(content=content, status_code=info.status_code, media_type="application/json", headers=info.headers)
 
 
 exception_handlers: dict[type[Exception] | int, Any] = {
-    ChipiError: handle_chipi_error,
-    HTTPException: handle_http_exception,
-    RepositoryNotFoundError: handle_repository_not_found,
-    OperationalError: handle_database_unavailable,
-    InterfaceError: handle_database_unavailable,
-    Exception: handle_unexpected,
+    ChipiError: handle_error,
+    HTTPException: handle_error,
+    Exception: handle_error,
 }

@@ -15,6 +15,9 @@ from litestar.exceptions import WebSocketDisconnect
 from app.controllers.conversations import parse_session_id
 from app.domain.errors import ChipiError
 from app.domain.frames import (
+    AudioDoneFrame,
+    AudioFrame,
+    AudioMessageFrame,
     ClientFrame,
     DoneFrame,
     ErrorFrame,
@@ -26,12 +29,14 @@ from app.domain.frames import (
     ServerFrame,
     StopFrame,
     TokenFrame,
+    TranscriptFrame,
     UserMessageFrame,
 )
 from app.domain.reasoning import Piece
-from app.domain.schemas import StreamDone, StreamError, message_out
-from app.services.chat import ChatService, Generation, ReplyOptions
+from app.domain.schemas import message_out
+from app.services.chat import ChatEvent, ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
 from app.services.conversations import NewMessage, Regenerate, TurnRequest
+from app.services.speech import SentenceSpeaker, VoiceChatService
 from app.settings import Settings
 
 _decode_frame = msgspec.json.Decoder(ClientFrame).decode
@@ -42,10 +47,16 @@ class ChatSocket:
     """One client's socket: reads frames, forwards the reply it follows, and keeps the line alive."""
 
     def __init__(
-        self, socket: WebSocket[Any, Any, Any], chat: ChatService, conversation_id: UUID, heartbeat_seconds: float
+        self,
+        socket: WebSocket[Any, Any, Any],
+        chat: ChatService,
+        voice_chat: VoiceChatService,
+        conversation_id: UUID,
+        heartbeat_seconds: float,
     ) -> None:
         self._socket = socket
         self._chat = chat
+        self._voice_chat = voice_chat
         self._conversation_id = conversation_id
         self._heartbeat_seconds = heartbeat_seconds
         self._send_lock = asyncio.Lock()
@@ -82,6 +93,8 @@ class ChatSocket:
         if isinstance(frame, MessageFrame):
             options = ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p, frame.thinking)
             await self._start(NewMessage(frame.content), options)
+        elif isinstance(frame, AudioMessageFrame):
+            await self._start_spoken(frame)
         elif isinstance(frame, RegenerateFrame):
             await self._start(
                 Regenerate(frame.message_id), ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p)
@@ -91,35 +104,75 @@ class ChatSocket:
         elif isinstance(frame, ResumeFrame):
             self._forward(*self._chat.watch(self._conversation_id, after=frame.last_seq))
 
-    async def _start(self, request: TurnRequest, options: ReplyOptions) -> None:
+    async def _start(self, request: TurnRequest, options: ReplyOptions, speaker: SentenceSpeaker | None = None) -> None:
         generation = await self._chat.start_reply(self._conversation_id, request, options)
+        assert generation.user_message is not None  # a reply in a conversation has its stored user message
         await self.send(UserMessageFrame(message=message_out(generation.user_message)))
-        self._forward(generation, 0)
+        self._forward(generation, 0, speaker)
 
-    def _forward(self, generation: Generation, after: int) -> None:
+    async def _start_spoken(self, frame: AudioMessageFrame) -> None:
+        """A recorded message: transcribe it, then reply as to a typed one, speaking the reply if asked."""
+        speech = self._voice_chat.speech
+        voice = await speech.voice(frame.voice) if frame.reply_audio else None  # an unknown voice: error first
+        transcript = await self._voice_chat.hear(
+            self._conversation_id, frame.data, language=frame.language, format_hint=frame.format, field="data"
+        )
+        await self.send(
+            TranscriptFrame(text=transcript.text, language=transcript.language, duration=transcript.duration)
+        )
+        options = ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p, frame.thinking)
+        await self._start(NewMessage(transcript.text), options, speech.speaker(voice) if voice else None)
+
+    def _forward(self, generation: Generation, after: int, speaker: SentenceSpeaker | None = None) -> None:
         if self._forwarder is not None:
             self._forwarder.cancel()
-        self._forwarder = asyncio.create_task(self._forward_events(generation, after))
+        self._forwarder = asyncio.create_task(self._forward_events(generation, after, speaker))
 
-    async def _forward_events(self, generation: Generation, after: int) -> None:
+    async def _forward_events(self, generation: Generation, after: int, speaker: SentenceSpeaker | None) -> None:
+        # The reply's sentences are spoken beside the token stream, each as soon as its text is complete.
+        speaking = asyncio.create_task(self._speak(speaker)) if speaker else None
+        try:
+            last = await self._forward_text(generation, after, speaker)
+            if speaker and speaking:
+                # A finished reply is spoken to its end; a stopped or failed one (or a client gone) stops speaking.
+                speaker.close(speak_rest=isinstance(last, ReplyFinished) and last.finish_reason != "cancelled")
+                await speaking
+        finally:
+            if speaking:
+                speaking.cancel()
+
+    async def _speak(self, speaker: SentenceSpeaker) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            count = 0
+            async for piece in speaker.spoken():
+                await self.send(AudioFrame(index=piece.index, text=piece.text, data=piece.wav))
+                count += 1
+            await self.send(AudioDoneFrame(count=count))
+
+    async def _forward_text(
+        self, generation: Generation, after: int, speaker: SentenceSpeaker | None
+    ) -> ChatEvent | None:
+        """Forward the reply's events; the last one forwarded (None if the client left first)."""
+        last: ChatEvent | None = None
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the client left mid-reply
             async for seq, event in generation.follow(after):
                 if isinstance(event, Piece):
                     if event.kind == "content":
                         await self.send(TokenFrame(text=event.text, seq=seq))
+                        if speaker:
+                            speaker.feed(event.text)
                     elif event.kind == "reasoning":
                         await self.send(ReasoningFrame(text=event.text, seq=seq))
-                elif isinstance(event, StreamDone):
+                elif isinstance(event, ReplyFinished):
+                    assert generation.reply is not None
+                    reply = message_out(generation.reply)
                     await self.send(
-                        DoneFrame(
-                            message=message_out(generation.reply),
-                            usage=event.usage,
-                            finish_reason=event.finish_reason,
-                            seq=seq,
-                        )
+                        DoneFrame(message=reply, usage=event.usage, finish_reason=event.finish_reason, seq=seq)
                     )
-                elif isinstance(event, StreamError):
+                elif isinstance(event, ReplyFailed):
                     await self.send(ErrorFrame(code=event.code, detail=event.detail))
+                last = event
+        return last
 
     async def _heartbeat(self) -> None:
         """An application-level frame on idle sockets, so proxies that drop quiet connections keep this one."""
@@ -134,7 +187,11 @@ class ChatSocket:
     dependencies={"conversation_id": Provide(parse_session_id, sync_to_thread=False)},
 )
 async def chat_socket(
-    socket: WebSocket[Any, Any, Any], chat: ChatService, settings: Settings, conversation_id: UUID
+    socket: WebSocket[Any, Any, Any],
+    chat: ChatService,
+    voice_chat: VoiceChatService,
+    settings: Settings,
+    conversation_id: UUID,
 ) -> None:
     """Chat over one socket per conversation; frames are documented in app/domain/frames.py and the README."""
     await socket.accept()
@@ -144,4 +201,4 @@ async def chat_socket(
         await socket.send_text(_encode_frame(ErrorFrame(code=exc.code, detail=exc.detail)).decode())
         await socket.close(code=4404, reason="conversation not found")
         return
-    await ChatSocket(socket, chat, conversation_id, settings.ws_heartbeat_seconds).serve()
+    await ChatSocket(socket, chat, voice_chat, conversation_id, settings.ws_heartbeat_seconds).serve()

@@ -21,8 +21,8 @@ class Piece:
     text: str
 
 
-def _partial_tag_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
+def partial_suffix_length(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `tag` (what must wait for more text)."""
     for length in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:length]):
             return length
@@ -53,7 +53,7 @@ class ReasoningSplitter:
                 self._after_close = self._thinking
                 self._thinking = not self._thinking
                 continue
-            held = _partial_tag_suffix(self._pending, tag)
+            held = partial_suffix_length(self._pending, tag)
             self._emit(pieces, self._pending[: len(self._pending) - held])
             self._pending = self._pending[len(self._pending) - held :]
             break

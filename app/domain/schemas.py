@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -189,3 +189,57 @@ def message_out(message: Message) -> MessageOut:
         completion_tokens=message.completion_tokens,
         finish_reason=message.finish_reason,
     )
+
+
+# Speech: transcription (speech-to-text), synthesis (text-to-speech) and voice chat.
+
+
+class TranscriptSegment(msgspec.Struct):
+    """A stretch of the recording whisper transcribed as one piece, with its times in seconds."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+
+
+class Transcription(msgspec.Struct):
+    """What was said: the text, its language, the recording's length in seconds, and the timed segments."""
+
+    text: str
+    language: str
+    duration: float
+    segments: list[TranscriptSegment]
+
+
+class SpeechCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Text to speak (OpenAI's shape; `model` is accepted for its clients and ignored: Piper voices are models)."""
+
+    input: str
+    voice: str | None = None
+    response_format: str = "wav"
+    speed: float = 1.0
+    model: str | None = None
+
+
+class VoiceOut(msgspec.Struct):
+    name: str
+    language: str | None
+    quality: str | None
+    sample_rate: int
+    default: bool
+
+
+class VoiceList(msgspec.Struct):
+    voices: list[VoiceOut]
+    default: str
+
+
+class VoiceExchange(MessageExchange, kw_only=True):
+    """A spoken turn: what was heard, the stored messages, and the reply spoken as a base64 WAV on request."""
+
+    transcript: Transcription
+    reply_audio: Annotated[bytes | None, msgspec.Meta(description="The reply spoken: a WAV file, base64")] = None
+    reply_audio_format: str | None = None

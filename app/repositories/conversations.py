@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from uuid import UUID
 
 from advanced_alchemy.filters import LimitOffset
@@ -33,11 +34,11 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
         )
         return result.scalars().all()
 
-    async def mark_interrupted(self) -> int:
-        """Finish replies left `streaming` by a process that died; returns how many there were."""
+    async def mark_interrupted(self, stale_before: datetime) -> int:
+        """Finish replies left `streaming` (not written since `stale_before`) by a process that died."""
         result = await self.session.execute(
             update(Message)
-            .where(Message.status == MessageStatus.STREAMING.value)
+            .where(Message.status == MessageStatus.STREAMING.value, Message.updated_at < stale_before)
             .values(status=MessageStatus.ERROR.value, finish_reason="interrupted")
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -14,24 +14,43 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from uuid import UUID
+from typing import Protocol
+from uuid import UUID, uuid4
 
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 
 from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError
 from app.domain.models import Conversation, Message, MessageStatus, Role
-from app.domain.reasoning import CLOSE_TAG, OPEN_TAG, Piece, ReasoningSplitter
+from app.domain.reasoning import Piece, ReasoningSplitter
 from app.domain.rules import clean_prompt
-from app.domain.schemas import StreamDone, StreamError, Usage
+from app.domain.schemas import Usage
+from app.domain.stop_sequences import StopSequences
 from app.services.conversations import ConversationService, Edit, NewMessage, PlannedTurn, TurnRequest
-from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt
+from app.services.model import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ChatEvent = Piece | StreamDone | StreamError
+
+@dataclass(frozen=True)
+class ReplyFinished:
+    """The last event of a reply that ended (finish_reason stop, length or cancelled) and was stored."""
+
+    usage: Usage
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class ReplyFailed:
+    """The last event of a reply the model or the server could not finish."""
+
+    code: str
+    detail: str
+
+
+ChatEvent = Piece | ReplyFinished | ReplyFailed
 
 
 @dataclass(frozen=True)
@@ -42,27 +61,42 @@ class ReplyOptions:
     temperature: float | None = None
     top_p: float | None = None
     thinking: bool = False
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 class Generation:
-    """One reply being generated: its events so far, and the clients following them."""
+    """One reply being generated: its events so far, and the clients following them.
 
-    def __init__(self, conversation_id: UUID, user_message: Message, reply: Message, grace_seconds: float) -> None:
+    A reply in a conversation has its stored user message and reply rows; a stateless `/v1` completion has none.
+    """
+
+    def __init__(
+        self,
+        conversation_id: UUID | None,
+        user_message: Message | None,
+        reply: Message | None,
+        grace_seconds: float,
+        *,
+        resumable: bool = True,
+    ) -> None:
         self.conversation_id = conversation_id
         self.user_message = user_message
         self.reply = reply
+        self.id = str(reply.id) if reply is not None else uuid4().hex
         self.events: list[ChatEvent] = []
         self.cancelled = threading.Event()  # read by the model's thread
         self.finished = asyncio.Event()
         self._changed = asyncio.Event()
         self._followers = 0
         self._grace_seconds = grace_seconds
+        self._resumable = resumable
         self._grace_timer: asyncio.TimerHandle | None = None
         self._arm_grace_timer()  # a client that never attaches counts as one that left
 
     def event_id(self, seq: int) -> str:
         """An id naming the reply and the event's place in it, so a reconnecting client can resume."""
-        return f"{self.reply.id}:{seq}"
+        return f"{self.id}:{seq}"
 
     def publish(self, event: ChatEvent) -> None:
         self.events.append(event)
@@ -85,13 +119,16 @@ class Generation:
                     event = self.events[sent]
                     sent += 1
                     yield sent, event
-                    if isinstance(event, StreamDone | StreamError):
+                    if isinstance(event, ReplyFinished | ReplyFailed):
                         return
                 await changed.wait()
         finally:
             self._followers -= 1
             if self._followers == 0:
-                self._arm_grace_timer()
+                if self._resumable:
+                    self._arm_grace_timer()
+                else:
+                    self.cancel()  # nobody can come back for it
 
     def _arm_grace_timer(self) -> None:
         if not self.finished.is_set() and self._grace_timer is None:
@@ -113,10 +150,31 @@ class Generation:
         self.finished.set()
 
 
+class LanguageModel(Protocol):
+    """What ChatService needs of a model: the local ModelService or the RemoteModelService."""
+
+    name: str
+    context_window: int
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def splits_reasoning(self) -> bool: ...
+
+    def build_prompt(
+        self, system_prompt: str | None, turns: Sequence[ChatTurn], max_new_tokens: int, *, thinking: bool = False
+    ) -> Prompt: ...
+
+    def stream(
+        self, prompt: Prompt, params: GenerationParams, cancelled: threading.Event
+    ) -> AsyncIterator[GenerationOutput]: ...
+
+
 class ChatService:
     """Starts replies, tracks the running ones (one per conversation, a capped number in all), stores them."""
 
-    def __init__(self, model: ModelService, db_config: SQLAlchemyAsyncConfig, settings: Settings) -> None:
+    def __init__(self, model: LanguageModel, db_config: SQLAlchemyAsyncConfig, settings: Settings) -> None:
         self.model = model
         self._db_config = db_config
         self._settings = settings
@@ -124,13 +182,14 @@ class ChatService:
         self._recent: dict[UUID, Generation] = {}  # finished replies, kept for clients that reconnect late
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_concurrent_generations)
+        self._sweeper: asyncio.Task[None] | None = None
         self._waiting = 0
-        vocabulary = model.tokenizer.get_vocab()
-        self._splits_reasoning = OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary  # a Qwen3-style thinker
+        self._splits_reasoning = model.splits_reasoning
 
     @property
     def active_generations(self) -> int:
-        return sum(1 for generation in self._running.values() if generation is not None)
+        """Replies being generated now, in conversations or for stateless /v1 completions."""
+        return len(self._tasks)
 
     @property
     def queued_generations(self) -> int:
@@ -147,7 +206,7 @@ class ChatService:
         top_p = options.top_p if options.top_p is not None else self._settings.top_p
         if not 0 < top_p <= 1:
             raise InvalidInputError("top_p must be above 0 and at most 1", field="top_p")
-        return GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        return GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=options.seed)
 
     def _checked(self, request: TurnRequest) -> TurnRequest:
         max_chars = self._settings.max_prompt_chars
@@ -177,6 +236,42 @@ class ChatService:
         """Store the turn's user message and start generating the reply from the active branch's history."""
         request = self._checked(request)
         params = self._params(options)
+
+        async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
+            turn = await conversations.plan_turn(conversation_id, request)
+            prompt = self._prompt_for(turn, params, options)
+            return prompt, *await conversations.store_turn(turn)
+
+        return await self._launch(conversation_id, prepare, params, options)
+
+    async def start_completion(
+        self, system_prompt: str | None, turns: list[ChatTurn], options: ReplyOptions, store_in: UUID | None
+    ) -> Generation:
+        """A reply to the given turns (the OpenAI API is stateless); with `store_in`, the last user message and
+        the reply are also stored in that conversation."""
+        if not turns or turns[-1].role != Role.USER:
+            raise InvalidInputError("the last message must be a user message", field="messages")
+        content = clean_prompt(turns[-1].content, max_chars=self._settings.max_prompt_chars, field="messages")
+        params = self._params(options)
+        prompt = self.model.build_prompt(system_prompt, turns, params.max_new_tokens, thinking=options.thinking)
+        if store_in is None:
+            await self._take_slot()
+            generation = Generation(None, None, None, self._settings.disconnect_grace_seconds, resumable=False)
+            return self._spawn(generation, prompt, params, options)
+
+        async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
+            return prompt, *await conversations.store_turn(await conversations.plan_turn(store_in, NewMessage(content)))
+
+        return await self._launch(store_in, prepare, params, options)
+
+    async def _launch(
+        self,
+        conversation_id: UUID,
+        prepare: Callable[[ConversationService], Awaitable[tuple[Prompt, Message, Message]]],
+        params: GenerationParams,
+        options: ReplyOptions,
+    ) -> Generation:
+        """Reserve the conversation (409 if busy) and a slot, store the turn with `prepare`, start generating."""
         if conversation_id in self._running:
             raise ConflictError("a reply is already being generated in this conversation", field="session_id")
         self._running[conversation_id] = None
@@ -185,9 +280,7 @@ class ChatService:
             await self._take_slot()
             slot_taken = True
             async with ConversationService.new(config=self._db_config) as conversations:
-                turn = await conversations.plan_turn(conversation_id, request)
-                prompt = self._prompt_for(turn, params, options)
-                user_message, reply = await conversations.store_turn(turn)
+                prompt, user_message, reply = await prepare(conversations)
         except BaseException:
             del self._running[conversation_id]
             if slot_taken:
@@ -196,7 +289,12 @@ class ChatService:
         generation = Generation(conversation_id, user_message, reply, self._settings.disconnect_grace_seconds)
         self._running[conversation_id] = generation
         self._recent.pop(conversation_id, None)
-        task = asyncio.create_task(self._generate(generation, prompt, params))
+        return self._spawn(generation, prompt, params, options)
+
+    def _spawn(
+        self, generation: Generation, prompt: Prompt, params: GenerationParams, options: ReplyOptions
+    ) -> Generation:
+        task = asyncio.create_task(self._generate(generation, prompt, params, options.stop))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return generation
@@ -217,6 +315,7 @@ class ChatService:
         generation = await self.start_reply(conversation_id, request, options)
         async for _ in generation.follow():  # following (not just waiting) keeps the grace timer off
             pass
+        assert generation.user_message is not None and generation.reply is not None  # a conversation's reply
         async with ConversationService.new(config=self._db_config) as conversations:
             reply = await conversations.get_message(generation.reply.id)
         return generation.user_message, reply
@@ -246,7 +345,7 @@ class ChatService:
         event exactly once; `reply_id`, when given, must name that reply.
         """
         generation = self._running.get(conversation_id) or self._recent.get(conversation_id)
-        if generation is None or (reply_id is not None and reply_id != str(generation.reply.id)):
+        if generation is None or (reply_id is not None and reply_id != generation.id):
             raise NotFoundError(
                 "no reply is streaming here any more; read it from the conversation", field="session_id"
             )
@@ -268,22 +367,30 @@ class ChatService:
         async with ConversationService.new(config=self._db_config) as conversations:
             return await conversations.switch_branch(conversation_id, message_id)
 
-    async def _generate(self, generation: Generation, prompt: Prompt, params: GenerationParams) -> None:
+    async def _generate(
+        self, generation: Generation, prompt: Prompt, params: GenerationParams, stop: tuple[str, ...]
+    ) -> None:
         splitter = ReasoningSplitter() if self._splits_reasoning else None
+        stops = StopSequences(stop)
         content: list[str] = []
         reasoning: list[str] = []
 
         def take(pieces: list[Piece]) -> None:
             for piece in pieces:
                 if piece.kind == "content":
+                    piece = Piece("content", stops.feed(piece.text))
+                    if stops.hit:
+                        generation.cancel()  # a stop sequence ends the reply like the end-of-turn token
+                    if not piece.text:
+                        continue
                     content.append(piece.text)
                 elif piece.kind == "reasoning":
                     reasoning.append(piece.text)
                 generation.publish(piece)
 
-        async def save(
-            status: MessageStatus, finished: GenerationFinished | None = None, reason: str | None = None
-        ) -> None:
+        async def save(status: MessageStatus, finished: GenerationFinished | None = None, reason: str = "") -> None:
+            if generation.reply is None:
+                return  # a stateless completion: nothing is stored
             stored = await self._save(
                 generation, "".join(content), "".join(reasoning) or None, status, finished, reason
             )
@@ -301,44 +408,39 @@ class ChatService:
                 if time.monotonic() - flushed_at >= self._settings.stream_flush_seconds:
                     await save(MessageStatus.STREAMING)
                     flushed_at = time.monotonic()
-            take(splitter.flush() if splitter else [])
+            take([*(splitter.flush() if splitter else []), Piece("content", stops.flush())])
+            if stops.hit:
+                finished = GenerationFinished("stop", finished.prompt_tokens, finished.completion_tokens)
             cancelled = finished.finish_reason == "cancelled"
             await save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE, finished)
-            generation.publish(
-                StreamDone(
-                    user_message_id=generation.user_message.id,
-                    assistant_message_id=generation.reply.id,
-                    usage=Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens),
-                    finish_reason=finished.finish_reason,
-                )
-            )
+            usage = Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
+            generation.publish(ReplyFinished(usage=usage, finish_reason=finished.finish_reason))
         except asyncio.CancelledError:  # the server is shutting down
             generation.cancel()
             await save(MessageStatus.CANCELLED, reason="cancelled")
-            generation.publish(StreamError(code="shutting_down", detail="the server stopped before the reply ended"))
+            generation.publish(ReplyFailed(code="shutting_down", detail="the server stopped before the reply ended"))
             raise
         except Exception:
             logger.exception("generation failed in conversation %s", generation.conversation_id)
             generation.cancel()
             with contextlib.suppress(Exception):
                 await save(MessageStatus.ERROR, reason="error")
-            generation.publish(StreamError(code="generation_failed", detail="the model failed to generate a reply"))
+            generation.publish(ReplyFailed(code="generation_failed", detail="the model failed to generate a reply"))
         finally:
-            self._running.pop(generation.conversation_id, None)
             self._slots.release()
             generation.settle()
-            self._keep_for_late_clients(generation)
+            if generation.conversation_id is not None:
+                self._running.pop(generation.conversation_id, None)
+                self._keep_for_late_clients(generation.conversation_id, generation)
 
-    def _keep_for_late_clients(self, generation: Generation) -> None:
-        conversation_id = generation.conversation_id
+    def _keep_for_late_clients(self, conversation_id: UUID, generation: Generation) -> None:
         self._recent[conversation_id] = generation
-        loop = asyncio.get_running_loop()
 
         def forget() -> None:
             if self._recent.get(conversation_id) is generation:
                 del self._recent[conversation_id]
 
-        loop.call_later(self._settings.disconnect_grace_seconds, forget)
+        asyncio.get_running_loop().call_later(self._settings.disconnect_grace_seconds, forget)
 
     async def _save(
         self,
@@ -347,9 +449,10 @@ class ChatService:
         reasoning: str | None,
         status: MessageStatus,
         finished: GenerationFinished | None,
-        reason: str | None,
+        reason: str,
     ) -> Message | None:
         """Write the reply in a short session of its own."""
+        assert generation.reply is not None
         async with ConversationService.new(config=self._db_config) as conversations:
             stored = await conversations.save_reply(
                 generation.reply.id,
@@ -358,14 +461,31 @@ class ChatService:
                 status=status,
                 prompt_tokens=finished.prompt_tokens if finished else None,
                 completion_tokens=finished.completion_tokens if finished else None,
-                finish_reason=finished.finish_reason if finished else reason,
+                finish_reason=finished.finish_reason if finished else reason or None,
             )
         if stored is not None:
             generation.reply = stored
         return stored
 
+    def start(self) -> None:
+        """Begin sweeping up replies that a dead process (this one before a restart, or another) left streaming."""
+        self._sweeper = asyncio.create_task(self._sweep_interrupted_replies())
+
+    async def _sweep_interrupted_replies(self) -> None:
+        stale_seconds = self._settings.stale_stream_seconds
+        while True:
+            try:
+                async with ConversationService.new(config=self._db_config) as conversations:
+                    if count := await conversations.finish_interrupted_replies(stale_seconds):
+                        logger.warning("marked %d reply(ies) left streaming by a stopped process as error", count)
+            except Exception:  # the database may be down for a while; try again next round
+                logger.exception("sweeping interrupted replies failed")
+            await asyncio.sleep(stale_seconds / 2)
+
     async def shutdown(self) -> None:
         """Stop every running reply and wait until each is stored as cancelled."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for generation in self._running.values():
             if generation is not None:
                 generation.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -217,8 +217,12 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
     async def get_message(self, message_id: UUID) -> Message:
         return await self.messages.get(message_id)
 
-    async def finish_interrupted_replies(self) -> int:
-        """Mark replies a dead process left `streaming` as `error`; run once at start-up."""
-        count = await self.messages.mark_interrupted()
+    async def finish_interrupted_replies(self, stale_seconds: float) -> int:
+        """Mark replies a dead process left `streaming` as `error`.
+
+        A live reply is written at least every few tokens, so one not written for `stale_seconds` has nobody
+        generating it, whichever of the instances sharing the database started it.
+        """
+        count = await self.messages.mark_interrupted(datetime.now(UTC) - timedelta(seconds=stale_seconds))
         await self.repository.session.commit()
         return count

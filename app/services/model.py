@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.generation.streamers import BaseStreamer
 
 from app.domain.errors import ModelUnavailableError
+from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
 from app.settings import Settings
 
@@ -42,6 +43,7 @@ class GenerationParams:
     max_new_tokens: int
     temperature: float
     top_p: float
+    seed: int | None = None  # makes sampling repeatable
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,12 @@ class ModelService:
     def device(self) -> str:
         return str(self.model.device)
 
+    @property
+    def splits_reasoning(self) -> bool:
+        """True for models that think in <think>...</think> (their tokenizer has both tags)."""
+        vocabulary = self.tokenizer.get_vocab()
+        return OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -211,6 +219,8 @@ class ModelService:
             sampling: dict[str, Any] = {"do_sample": False}
             if params.temperature > 0:
                 sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)  # generations run one at a time on this thread
             with torch.inference_mode():
                 output = self.model.generate(
                     input_ids=input_ids,
