@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from app.services.model import TextDelta, _IncrementalDecoder
+from app.services.model import _IncrementalDecoder
 from app.settings import DEFAULT_MODEL_DIR
 
 
@@ -21,16 +20,11 @@ from app.settings import DEFAULT_MODEL_DIR
 def test_deltas_concatenate_to_the_decoded_text(text: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    deltas: list[str] = []
-
-    def collect(item: object) -> None:
-        assert isinstance(item, TextDelta)
-        deltas.append(item.text)
-
-    decoder = _IncrementalDecoder(tokenizer, collect)
-    decoder.put(torch.tensor([[1, 2, 3]]))  # generate() hands over the prompt first; it is not part of the reply
-    for token in ids:
-        decoder.put(torch.tensor([token]))
-    decoder.put(torch.tensor([tokenizer.convert_tokens_to_ids("<|im_end|>")]))  # a special token adds no text
+    decoder = _IncrementalDecoder(tokenizer)  # fed only the reply's ids: the prompt is never part of it
+    deltas = [decoder.feed([token]) for token in ids]
+    deltas.append(decoder.feed([tokenizer.convert_tokens_to_ids("<|im_end|>")]))  # a special token adds no text
+    deltas = [delta for delta in deltas if delta]  # "" means no new text yet: the stream sends nothing then
     assert "".join(deltas) == text
     assert all(deltas) and "\ufffd" not in "".join(deltas)
+    # A consumer that fell behind feeds several ids at once and gets the same text.
+    assert _IncrementalDecoder(tokenizer).feed(ids) == text

@@ -6,19 +6,18 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from app.domain.errors import ModelUnavailableError
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
+from app.services.engine import DecodeEngine, EngineEvent, Finished
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -61,44 +60,27 @@ class GenerationFinished:
 GenerationOutput = TextDelta | GenerationFinished
 
 
-class _IncrementalDecoder(BaseStreamer):
-    """Turns the token ids `generate` produces into exact text deltas.
+class _IncrementalDecoder:
+    """Turns a reply's token ids, fed as they come, into exact text deltas.
 
-    The generated ids are decoded whole each step and only the new suffix is emitted, so multi-token characters
+    The generated ids are decoded whole each time and only the new suffix is returned, so multi-token characters
     and tokenizers that merge spaces come out right; a trailing replacement character waits for its next token.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, emit: Callable[[GenerationOutput], None]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
-        self._emit = emit
         self._ids: list[int] = []
         self._sent = 0
-        self._prompt_seen = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt itself
-            self._prompt_seen = True
-            return
-        self._ids.extend(value.reshape(-1).tolist())
+    def feed(self, token_ids: Sequence[int]) -> str:
+        """The text the reply gained with `token_ids` ("" when there is none yet)."""
+        self._ids.extend(token_ids)
         text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
         if text.endswith("\ufffd") or len(text) <= self._sent:
-            return
-        self._emit(TextDelta(text[self._sent :]))
+            return ""
+        delta = text[self._sent :]
         self._sent = len(text)
-
-    def end(self) -> None:
-        pass
-
-
-class _StopWhenCancelled(StoppingCriteria):
-    def __init__(self, cancelled: threading.Event) -> None:
-        self._cancelled = cancelled
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-_END = object()
+        return delta
 
 
 def _resolve_dtype(setting: str) -> torch.dtype:
@@ -110,7 +92,8 @@ def _resolve_dtype(setting: str) -> torch.dtype:
 class ModelService:
     """One causal language model with its tokenizer and chat template, shared by every request.
 
-    Generation runs on a single worker thread so the event loop stays free; the model is loaded with accelerate's
+    Generation runs on the batched decode engine's own thread (app/services/engine.py), so the event loop stays free
+    and replies generated at the same time share the model's forward passes. The model is loaded with accelerate's
     `device_map`, so it lands on the GPU where there is one and on the CPU otherwise.
     """
 
@@ -119,12 +102,11 @@ class ModelService:
         self.tokenizer = tokenizer
         self.name = name
         self.context_window = context_window
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chipi-generate")
         eos = model.generation_config.eos_token_id
-        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
-            self._eos_ids.add(tokenizer.eos_token_id)
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._eos_ids), 0)
+            eos_ids.add(tokenizer.eos_token_id)
+        self._engine = DecodeEngine(model, eos_ids)
 
     @classmethod
     def load(cls, settings: Settings) -> ModelService:
@@ -156,7 +138,7 @@ class ModelService:
         return OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._engine.close()
 
     def build_prompt(
         self, system_prompt: str | None, turns: Sequence[ChatTurn], max_new_tokens: int, *, thinking: bool = False
@@ -188,56 +170,44 @@ class ModelService:
     ) -> AsyncIterator[GenerationOutput]:
         """Text deltas as the model produces them, then one GenerationFinished.
 
-        Setting `cancelled` stops the model after the token it is computing; so does closing this iterator.
+        The request joins the engine's running batch at its next step. Setting `cancelled` takes it out of the batch
+        before the next step; so does closing this iterator.
         """
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[object] = asyncio.Queue()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        def sink(event: EngineEvent) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        work = loop.run_in_executor(self._executor, self._generate, prompt, params, cancelled, emit)
+        self._engine.submit(
+            prompt.token_ids,
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            cancelled=cancelled,
+            sink=sink,
+        )
+        decoder = _IncrementalDecoder(self.tokenizer)
+        held: EngineEvent | None = None  # an event taken off the queue early, handled next
         try:
-            while (item := await outputs.get()) is not _END:
-                yield item  # type: ignore[misc]
-            await work  # re-raises what went wrong in the worker
+            while True:
+                event = held if held is not None else await events.get()
+                held = None
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, Finished):
+                    yield GenerationFinished(event.reason, len(prompt.token_ids), event.completion_tokens)
+                    return
+                # Take every token already waiting: a consumer that fell behind decodes once, not once per token.
+                token_ids = [event]
+                while held is None and not events.empty():
+                    waiting = events.get_nowait()
+                    if isinstance(waiting, int):
+                        token_ids.append(waiting)
+                    else:
+                        held = waiting
+                if text := decoder.feed(token_ids):
+                    yield TextDelta(text)
         finally:
             cancelled.set()
-
-    def _generate(
-        self,
-        prompt: Prompt,
-        params: GenerationParams,
-        cancelled: threading.Event,
-        emit: Callable[[object], None],
-    ) -> None:
-        try:
-            if cancelled.is_set():  # cancelled while queued behind another generation
-                emit(GenerationFinished("cancelled", len(prompt.token_ids), 0))
-                return
-            input_ids = torch.tensor([prompt.token_ids], device=self.model.device)
-            sampling: dict[str, Any] = {"do_sample": False}
-            if params.temperature > 0:
-                sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)  # generations run one at a time on this thread
-            with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=params.max_new_tokens,
-                    pad_token_id=self._pad_id,
-                    streamer=_IncrementalDecoder(self.tokenizer, emit),
-                    stopping_criteria=[_StopWhenCancelled(cancelled)],
-                    **sampling,
-                )
-            new_ids = output[0, input_ids.shape[1] :].tolist()
-            if cancelled.is_set():
-                finish_reason = "cancelled"
-            elif new_ids and new_ids[-1] in self._eos_ids:
-                finish_reason = "stop"
-            else:
-                finish_reason = "length"
-            emit(GenerationFinished(finish_reason, len(prompt.token_ids), len(new_ids)))
-        finally:
-            emit(_END)

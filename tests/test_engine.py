@@ -1,0 +1,235 @@
+"""The batched decode engine behind ModelService.stream, with the real default model on the CPU.
+
+Replies generated at the same time share forward passes; each must still read as if it had been generated alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from app.services.engine import DecodeEngine
+from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
+from app.settings import Settings
+
+pytestmark = pytest.mark.model
+
+GREEDY = GenerationParams(max_new_tokens=48, temperature=0.0, top_p=1.0)
+QUESTIONS = [
+    "Write a story about a dragon who learns to bake bread.",
+    "Explain how rainbows form.",
+    "List five fruits.",
+    "What is the capital of France? Answer in two sentences, then tell me about its history.",
+]
+# Float32 batching is not bit-exact: a row next to others (and behind left padding) goes through matrix products
+# of another shape, whose sums round differently in the last bits. Greedy picks the same tokens as long as no two
+# candidates are that close, which holds for the first few dozen tokens of these prompts; a near-tie later may
+# send a batched reply down another path than the same reply alone, so equality is asserted on this prefix only.
+EXACT_PREFIX_TOKENS = 32
+
+
+@dataclass
+class Reply:
+    deltas: list[str]
+    finished: GenerationFinished
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[ModelService]:
+    model = ModelService.load(Settings.from_env())
+    yield model
+    model.close()
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of rows of every decode step the engine runs during the test."""
+    sizes: list[int] = []
+    step = DecodeEngine._step
+
+    def counting_step(engine: DecodeEngine) -> None:
+        sizes.append(len(engine._batch))
+        step(engine)
+
+    monkeypatch.setattr(DecodeEngine, "_step", counting_step)
+    return sizes
+
+
+def prompt(service: ModelService, question: str, system: str | None = None) -> Prompt:
+    return service.build_prompt(system, [ChatTurn("user", question)], 64)
+
+
+def generate_ids(service: ModelService, prompt: Prompt, max_new_tokens: int) -> list[int]:
+    """The reply plain `model.generate` gives, greedy: the reference."""
+    input_ids = torch.tensor([prompt.token_ids])
+    with torch.inference_mode():
+        output = service.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=service.tokenizer.pad_token_id,
+        )
+    return list(output[0, input_ids.shape[1] :].tolist())
+
+
+def decode(service: ModelService, ids: list[int]) -> str:
+    text = service.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return str(text).rstrip("\ufffd")
+
+
+async def reply(
+    service: ModelService,
+    prompt: Prompt,
+    params: GenerationParams = GREEDY,
+    cancelled: threading.Event | None = None,
+    progress: asyncio.Queue[int] | None = None,
+) -> Reply:
+    """Stream one reply; `progress` hears the number of deltas so far after each one."""
+    deltas: list[str] = []
+    async for output in service.stream(prompt, params, cancelled or threading.Event()):
+        if isinstance(output, TextDelta):
+            deltas.append(output.text)
+            if progress is not None:
+                progress.put_nowait(len(deltas))
+        else:
+            return Reply(deltas, output)
+    raise AssertionError("the stream ended without GenerationFinished")
+
+
+async def test_a_lone_greedy_reply_is_plain_generate_token_for_token(service: ModelService) -> None:
+    the_prompt = prompt(service, QUESTIONS[0])
+    expected = generate_ids(service, the_prompt, 64)
+    got: list[int] = []
+    finished = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+
+    def sink(event: object) -> None:
+        if isinstance(event, int):
+            got.append(event)
+        else:
+            loop.call_soon_threadsafe(finished.set_result, event)
+
+    service._engine.submit(
+        the_prompt.token_ids,
+        max_new_tokens=64,
+        temperature=0.0,
+        top_p=1.0,
+        seed=None,
+        cancelled=threading.Event(),
+        sink=sink,
+    )
+    await finished
+    assert got == expected
+
+    streamed = await reply(service, the_prompt, GenerationParams(64, 0.0, 1.0))
+    assert streamed.text == decode(service, expected)  # the deltas concatenate to the decoded reply
+    assert all(streamed.deltas) and "\ufffd" not in streamed.text
+    assert streamed.finished == GenerationFinished("length", len(the_prompt.token_ids), 64)
+
+
+async def test_concurrent_greedy_replies_match_their_solo_runs(service: ModelService, batch_sizes: list[int]) -> None:
+    prompts = [prompt(service, question) for question in QUESTIONS]
+    prompts[1] = prompt(service, QUESTIONS[1], system="You are a patient physics teacher.")  # a longer prompt
+    solo = [generate_ids(service, p, GREEDY.max_new_tokens) for p in prompts]
+
+    replies = await asyncio.gather(*(reply(service, p) for p in prompts))
+
+    assert max(batch_sizes) == len(prompts)  # they did share forward passes
+    for got, expected, p in zip(replies, solo, prompts, strict=True):
+        assert got.text.startswith(decode(service, expected[:EXACT_PREFIX_TOKENS]))
+        assert got.finished.prompt_tokens == len(p.token_ids)
+        assert got.finished.completion_tokens == GREEDY.max_new_tokens or got.finished.finish_reason == "stop"
+
+
+async def test_a_request_joins_a_running_batch(service: ModelService, batch_sizes: list[int]) -> None:
+    first, second = prompt(service, QUESTIONS[0]), prompt(service, QUESTIONS[1])
+    progress: asyncio.Queue[int] = asyncio.Queue()
+    running = asyncio.create_task(reply(service, first, GenerationParams(64, 0.0, 1.0), progress=progress))
+    while await progress.get() < 10:  # the first reply is well under way
+        pass
+
+    joined = await reply(service, second, GenerationParams(24, 0.0, 1.0))
+    assert not running.done()  # it joined while the first one was still generating, and finished first
+    earlier = await running
+
+    assert 1 in batch_sizes and 2 in batch_sizes
+    assert earlier.text.startswith(decode(service, generate_ids(service, first, EXACT_PREFIX_TOKENS)))
+    assert joined.text == decode(service, generate_ids(service, second, 24))
+    assert joined.finished.finish_reason == "length" and joined.finished.completion_tokens == 24
+
+
+async def test_cancelling_one_reply_leaves_the_others_intact(service: ModelService, batch_sizes: list[int]) -> None:
+    prompts = [prompt(service, question) for question in QUESTIONS[:3]]
+    long = GenerationParams(64, 0.0, 1.0)
+    stop_second = threading.Event()
+    second_progress: asyncio.Queue[int] = asyncio.Queue()
+
+    async def read_third_then_leave() -> int:
+        """Read a few deltas, then close the stream as a client that goes away does."""
+        stream = service.stream(prompts[2], long, threading.Event())
+        count = 0
+        async for output in stream:
+            count += isinstance(output, TextDelta)
+            if count == 5:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        return count
+
+    tasks = [
+        asyncio.create_task(reply(service, prompts[0], long)),
+        asyncio.create_task(reply(service, prompts[1], long, cancelled=stop_second, progress=second_progress)),
+    ]
+    leaver = asyncio.create_task(read_third_then_leave())
+    while await second_progress.get() < 5:
+        pass
+    stop_second.set()
+    deltas_at_cancel = second_progress.qsize() + 5
+    first, second = await asyncio.gather(*tasks)
+    await leaver
+
+    assert second.finished.finish_reason == "cancelled"
+    # Cancelled within about one decode step: a token or two were on their way, not the other ~55.
+    assert len(second.deltas) <= deltas_at_cancel + 2
+    assert second.finished.completion_tokens < 16
+    assert first.finished.finish_reason in {"length", "stop"} and first.finished.completion_tokens > 16
+    assert first.text.startswith(decode(service, generate_ids(service, prompts[0], EXACT_PREFIX_TOKENS)))
+    assert max(batch_sizes) == 3 and batch_sizes[-1] == 1  # both left the batch; the first one ran on alone
+
+
+async def test_each_request_keeps_its_own_limits_and_finish_reason(service: ModelService) -> None:
+    short_answer = prompt(service, "Reply with only the word yes.")
+    expected_short = generate_ids(service, short_answer, 40)
+    assert expected_short[-1] == service.tokenizer.eos_token_id and len(expected_short) < 40  # the model stops
+
+    one, seven, stops, sampled = await asyncio.gather(
+        reply(service, prompt(service, QUESTIONS[0]), GenerationParams(1, 0.0, 1.0)),
+        reply(service, prompt(service, QUESTIONS[1]), GenerationParams(7, 0.0, 1.0)),
+        reply(service, short_answer, GenerationParams(40, 0.0, 1.0)),
+        reply(service, prompt(service, QUESTIONS[2]), GenerationParams(12, 1.0, 0.9, seed=3)),
+    )
+
+    assert (one.finished.finish_reason, one.finished.completion_tokens) == ("length", 1)
+    assert (seven.finished.finish_reason, seven.finished.completion_tokens) == ("length", 7)
+    assert (stops.finished.finish_reason, stops.finished.completion_tokens) == ("stop", len(expected_short))
+    assert stops.text == decode(service, expected_short)
+    assert (sampled.finished.finish_reason, sampled.finished.completion_tokens) == ("length", 12)
+    again = await reply(service, prompt(service, QUESTIONS[2]), GenerationParams(12, 1.0, 0.9, seed=3))
+    assert again.text == sampled.text  # a seed makes a sampled reply repeatable, alone or in a batch
+
+
+async def test_a_request_cancelled_before_it_starts_finishes_at_once(service: ModelService) -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    got = await reply(service, prompt(service, QUESTIONS[0]), cancelled=cancelled)
+    assert got.deltas == []
+    assert got.finished.finish_reason == "cancelled" and got.finished.completion_tokens == 0
