@@ -24,6 +24,7 @@ import torch
 from app.assets import ensure_default_model
 from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
 from app.settings import Settings
+from bench.baseline import plain_generate
 
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread.",
@@ -71,19 +72,10 @@ async def one_round(model: ModelService, prompts: list[Prompt], streams: int, ma
     return Round(sum(r.tokens for r in runs), time.perf_counter() - started, [r.first_token_seconds for r in runs])
 
 
-def plain_generate(model: ModelService, prompt: Prompt, max_tokens: int) -> float:
+def plain_generate_rate(model: ModelService, prompt: Prompt, max_tokens: int) -> float:
     """Tokens/s of a bare `model.generate` of one prompt: what a lone request used to get."""
-    input_ids = torch.tensor([prompt.token_ids], device=model.model.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = model.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=model.tokenizer.pad_token_id,
-        )
-    return (output.shape[1] - input_ids.shape[1]) / (time.perf_counter() - started)
+    tokens, seconds = plain_generate(model, prompt, max_tokens)
+    return tokens / seconds
 
 
 async def measure(args: argparse.Namespace) -> None:
@@ -93,12 +85,12 @@ async def measure(args: argparse.Namespace) -> None:
     prompts = [model.build_prompt(None, [ChatTurn("user", text)], args.max_tokens) for text in PROMPTS]
     sizes = [int(size) for size in args.streams.split(",")]
     await one_round(model, prompts, max(sizes), 8)  # warm-up
-    plain_generate(model, prompts[0], 8)
+    plain_generate_rate(model, prompts[0], 8)
 
     rounds: dict[int, list[Round]] = {size: [] for size in sizes}
     generate_rates: list[float] = []
     for _ in range(args.rounds):
-        generate_rates.append(plain_generate(model, prompts[0], args.max_tokens))
+        generate_rates.append(plain_generate_rate(model, prompts[0], args.max_tokens))
         for size in sizes:
             rounds[size].append(await one_round(model, prompts, size, args.max_tokens))
     model.close()

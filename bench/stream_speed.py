@@ -25,6 +25,7 @@ from httpx_sse import aconnect_sse
 from app.assets import convert_default_model, ensure_default_model
 from app.services.model import ChatTurn, ModelService
 from app.settings import Settings
+from bench.baseline import plain_generate
 from tests.server import ChipiServer
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -60,17 +61,7 @@ async def stream_once(base_url: str) -> Run:
 
 def generate_once(model: ModelService, max_tokens: int) -> Run:
     prompt = model.build_prompt(None, [ChatTurn("user", PROMPT)], max_tokens)
-    input_ids = torch.tensor([prompt.token_ids])
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = model.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=model.tokenizer.eos_token_id,
-        )
-    return Run(output.shape[1] - input_ids.shape[1], time.perf_counter() - started)
+    return Run(*plain_generate(model, prompt, max_tokens))
 
 
 def main() -> None:

@@ -1,0 +1,24 @@
+"""The baseline the benchmarks compare against: a bare `model.generate` of one prompt, greedy."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from app.services.model import ModelService, Prompt
+
+
+def plain_generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:
+    """Tokens generated and seconds taken by `model.generate` alone (no streaming, no batching)."""
+    input_ids = torch.tensor([prompt.token_ids], device=model.model.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = model.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0,
+        )
+    return output.shape[1] - input_ids.shape[1], time.perf_counter() - started
