@@ -87,9 +87,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await app.state.chat.shutdown()
-            model.close()
-            if isinstance(model, RemoteModelService):
-                await model.aclose()
+            await model.aclose()
             await db_config.get_engine().dispose()
 
     return Litestar(

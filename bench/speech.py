@@ -26,6 +26,7 @@ import httpx
 
 from app.assets import ensure_default_assets
 from app.settings import Settings
+from bench.report import print_table
 from tests.server import ChipiServer
 
 STORY = (
@@ -108,10 +109,9 @@ def main() -> None:
             (f"TTS time to first audio byte (HTTP, {speech_seconds:.1f} s reply)", f"{first * 1000:.0f} ms"),
             ("TTS real-time factor (whole stream)", f"{rtf:.3f}"),
         ]
-    width = max(len(name) for name, _ in rows)
-    print(f"\nChipi speech speed (whisper {settings.whisper_model}, voice {settings.voice}, median of {args.runs})")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value:>10}")
+    print_table(
+        f"Chipi speech speed (whisper {settings.whisper_model}, voice {settings.voice}, median of {args.runs})", rows
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from app.assets import convert_default_model, ensure_default_model
 from app.services.model import ChatTurn, ModelService
 from app.settings import Settings
 from bench.baseline import plain_generate
+from bench.report import print_table
 from tests.server import ChipiServer
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -111,10 +112,7 @@ def main() -> None:
         ("SSE / in-process", f"{sse_rate / local_rate:.2f}x"),
         ("SSE time to first token", f"{ttft * 1000:.0f} ms"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print(f"\nChipi stream speed ({torch.get_num_threads()} torch threads, {Settings.from_env().model})")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value:>10}")
+    print_table(f"Chipi stream speed ({torch.get_num_threads()} torch threads, {Settings.from_env().model})", rows)
 
 
 if __name__ == "__main__":

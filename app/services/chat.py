@@ -170,6 +170,8 @@ class LanguageModel(Protocol):
         self, prompt: Prompt, params: GenerationParams, cancelled: threading.Event
     ) -> AsyncIterator[GenerationOutput]: ...
 
+    async def aclose(self) -> None: ...
+
 
 class ChatService:
     """Starts replies, tracks the running ones (one per conversation, a capped number in all), stores them."""

@@ -140,6 +140,10 @@ class ModelService:
     def close(self) -> None:
         self._engine.close()
 
+    async def aclose(self) -> None:
+        """Stop the engine thread without blocking the event loop (what the app's shutdown calls)."""
+        await asyncio.to_thread(self.close)
+
     def build_prompt(
         self, system_prompt: str | None, turns: Sequence[ChatTurn], max_new_tokens: int, *, thinking: bool = False
     ) -> Prompt:

@@ -73,9 +73,6 @@ class RemoteModelService:
     def device(self) -> str:
         return f"remote {self.base_url}"
 
-    def close(self) -> None:
-        pass  # the HTTP client is closed by aclose()
-
     async def aclose(self) -> None:
         await self._client.aclose()
 
