@@ -69,6 +69,7 @@ class Settings:
     temperature: float
     top_p: float
     context_window: int
+    prefix_cache_mb: int
     max_prompt_chars: int
     max_title_chars: int
     system_prompt: str
@@ -109,6 +110,7 @@ class Settings:
             temperature=_env_float("CHIPI_TEMPERATURE", 0.2),
             top_p=_env_float("CHIPI_TOP_P", 0.9),
             context_window=_env_int("CHIPI_CONTEXT_WINDOW", 0),
+            prefix_cache_mb=_env_int("CHIPI_PREFIX_CACHE_MB", 256),
             max_prompt_chars=_env_int("CHIPI_MAX_PROMPT_CHARS", 16_000, minimum=1),
             max_title_chars=_env_int("CHIPI_MAX_TITLE_CHARS", 200, minimum=1),
             system_prompt=os.environ.get("CHIPI_SYSTEM_PROMPT", ""),

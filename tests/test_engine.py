@@ -233,3 +233,30 @@ async def test_a_request_cancelled_before_it_starts_finishes_at_once(service: Mo
     got = await reply(service, prompt(service, QUESTIONS[0]), cancelled=cancelled)
     assert got.deltas == []
     assert got.finished.finish_reason == "cancelled" and got.finished.completion_tokens == 0
+
+
+async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(service: ModelService) -> None:
+    """A conversation's second turn starts from the first turn's keys and values: same reply, far less prefill."""
+    fed: list[int] = []  # tokens fed by each forward pass: the prefill, then one per decode step
+
+    def record(_: object, args: tuple[object, ...], kwargs: dict[str, torch.Tensor]) -> None:
+        fed.append(int(kwargs["input_ids"].shape[1]))
+
+    turns = [ChatTurn("user", "Tell me about the moon, in a few sentences. Reply as a poet.")]
+    first = await reply(service, service.build_prompt(None, turns, 64))
+    turns += [ChatTurn("assistant", first.text), ChatTurn("user", "And the sun?")]
+    second_prompt = service.build_prompt(None, turns, 64)
+
+    hook = service.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        second = await reply(service, second_prompt)
+    finally:
+        hook.remove()
+
+    new_tokens = (
+        len(second_prompt.token_ids)
+        - len(prompt(service, turns[0].content).token_ids)
+        - first.finished.completion_tokens
+    )
+    assert fed[0] < new_tokens + 8  # only the closing of the first reply and the new question
+    assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))

@@ -14,6 +14,10 @@ them all. Rows join by concatenation along the batch dimension and leave by `ind
 held padding for the rows still present are trimmed away. Between joins and leaves, each step writes its new
 column in place (`_SpareRoomLayer`) instead of copying the whole cache as `DynamicCache` does.
 
+With a prefix cache (app/services/prefix_cache.py), a new request's prefill starts from the stored keys and values
+of the longest prefix of its prompt that an earlier request fed (the history of a conversation's previous turns), and
+each request that leaves the batch stores its own for the next one.
+
 The cost of a decode step grows far slower than its number of rows, since the weights are read once per step for
 all of them (on the 2-core CPU this was built on: ~35 ms for one row, ~65 ms for eight), which is where the
 throughput of concurrent replies comes from. Prefilling each new request alone keeps a lone request's computation
@@ -38,6 +42,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from app.services.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +191,16 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, request: _Request, prefilled: DynamicCache) -> None:
+    def add(self, request: _Request, prefilled: Cache) -> None:
         """Merge a freshly prefilled request (a one-row cache) into the batch, left-padding the shorter side."""
         new = _key_values(prefilled)
         row_mask = torch.ones(1, new[0][0].shape[2], dtype=torch.long, device=new[0][0].device)
         if self.cache is None:
             self.rows, self.mask = [request], row_mask
-            self._hold(new)
+            if all(isinstance(layer, _SpareRoomLayer) for layer in prefilled.layers):
+                self.cache = prefilled  # already has room to grow: no need to copy it
+            else:
+                self._hold(new)
             return
         width = max(self.mask.shape[1], row_mask.shape[1])
         mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(row_mask, width, dim=1)])
@@ -225,8 +234,18 @@ class _Batch:
             ]
         )
 
+    def row_key_values(self, index: int) -> KeyValues:
+        """Row `index`'s keys and values, padding included (its real tokens are the last columns)."""
+        assert self.cache is not None
+        return [(keys[index : index + 1], values[index : index + 1]) for keys, values in _key_values(self.cache)]
+
     def _hold(self, key_values: KeyValues) -> None:
-        self.cache = Cache(layers=[_SpareRoomLayer(keys, values) for keys, values in key_values])
+        self.cache = _spare_room_cache(key_values)
+
+
+def _spare_room_cache(key_values: KeyValues) -> Cache:
+    """A cache holding a copy of `key_values`, with room for more tokens after them."""
+    return Cache(layers=[_SpareRoomLayer(keys, values) for keys, values in key_values])
 
 
 def _key_values(cache: Cache) -> KeyValues:
@@ -252,9 +271,10 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class DecodeEngine:
     """Runs every submitted request on one thread, decoding all running requests together, one token per step."""
 
-    def __init__(self, model: Any, eos_ids: set[int]) -> None:
+    def __init__(self, model: Any, eos_ids: set[int], prefix_cache: PrefixCache | None = None) -> None:
         self._model = model
         self._eos_ids = eos_ids
+        self._prefix_cache = prefix_cache
         config = model.generation_config
         self._top_k = config.top_k if config.top_k is not None else _GENERATE_DEFAULT_TOP_K
         self._repetition_penalty: float | None = config.repetition_penalty
@@ -338,18 +358,23 @@ class DecodeEngine:
             self._finish(request, "length")
             return
         try:
-            input_ids = torch.tensor([request.prompt_ids], device=self._model.device)
-            cache = DynamicCache()
+            hit = self._prefix_cache.lookup(request.prompt_ids) if self._prefix_cache is not None else None
+            known = hit.length if hit is not None else 0
+            # A hit is copied once, into a cache with room to append the rest of the prompt in place.
+            cache = _spare_room_cache(hit.key_values) if hit is not None else DynamicCache()
+            device = self._model.device
             output = self._model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),
+                input_ids=torch.tensor([request.prompt_ids[known:]], device=device),
+                attention_mask=torch.ones(1, len(request.prompt_ids), dtype=torch.long, device=device),
+                position_ids=torch.arange(known, len(request.prompt_ids), device=device).unsqueeze(0),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
             token = request.sampler.next_token(output.logits[0, -1], request.prompt_ids)
-            if not self._accept(request, token):
+            if self._accept(request, token):
+                self._remember(request, _key_values(cache))
+            else:
                 self._batch.add(request, cache)
         except Exception as exc:
             logger.exception("prefill failed")
@@ -357,9 +382,10 @@ class DecodeEngine:
 
     def _drop_cancelled(self) -> None:
         keep = [not row.cancelled.is_set() for row in self._batch.rows]
-        for row, kept in zip(self._batch.rows, keep, strict=True):
+        for index, (row, kept) in enumerate(zip(self._batch.rows, keep, strict=True)):
             if not kept:
                 self._finish(row, "cancelled")
+                self._remember(row, self._batch.row_key_values(index))
         self._batch.keep(keep)
 
     def _step(self) -> None:
@@ -386,7 +412,20 @@ class DecodeEngine:
             logger.exception("decode step failed; failing the %d running generations", len(rows))
             self._fail(rows, exc)
             return
-        batch.keep([not self._accept(row, token) for row, token in zip(rows, tokens, strict=True)])
+        done = [self._accept(row, token) for row, token in zip(rows, tokens, strict=True)]
+        for index, row in enumerate(rows):
+            if done[index]:
+                self._remember(row, batch.row_key_values(index))
+        batch.keep([not ended for ended in done])
+
+    def _remember(self, request: _Request, key_values: KeyValues) -> None:
+        """Offer the keys and values of every token `request` fed (its prompt and reply) to the prefix cache."""
+        if self._prefix_cache is None:
+            return
+        fed = (request.prompt_ids + request.generated)[: request.cached_tokens]
+        # A copy: the cache must not pin the batch's buffers (every row's), nor see them change.
+        own = [(keys[:, :, -len(fed) :].clone(), values[:, :, -len(fed) :].clone()) for keys, values in key_values]
+        self._prefix_cache.store(fed, own)
 
     def _accept(self, request: _Request, token: int) -> bool:
         """Record and send a request's new token; True when that ended the request."""

@@ -18,6 +18,7 @@ from app.domain.errors import ModelUnavailableError
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
 from app.services.engine import DecodeEngine, EngineEvent, Finished
+from app.services.prefix_cache import PrefixCache
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,15 @@ class ModelService:
     `device_map`, so it lands on the GPU where there is one and on the CPU otherwise.
     """
 
-    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, *, name: str, context_window: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str,
+        context_window: int,
+        prefix_cache_bytes: int = 0,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -106,7 +115,8 @@ class ModelService:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self._engine = DecodeEngine(model, eos_ids)
+        prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._engine = DecodeEngine(model, eos_ids, prefix_cache)
 
     @classmethod
     def load(cls, settings: Settings) -> ModelService:
@@ -125,7 +135,13 @@ class ModelService:
         logger.info(
             "loaded model %s on %s (%s) in %.1fs", source, model.device, model.dtype, time.perf_counter() - started
         )
-        return cls(model, tokenizer, name=source, context_window=context_window)
+        return cls(
+            model,
+            tokenizer,
+            name=source,
+            context_window=context_window,
+            prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
+        )
 
     @property
     def device(self) -> str:

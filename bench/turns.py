@@ -1,0 +1,101 @@
+"""Time to first token as one conversation grows, with and without the prefix cache.
+
+    python -m bench.turns [--turns 10] [--max-tokens 64]
+
+Starts two real servers (uvicorn subprocesses, SQLite, greedy), one with CHIPI_PREFIX_CACHE_MB=0, and plays the
+same conversation on both, turn by turn, alternating between them so that machine noise hits both alike. Prints
+the time to first token at turn 1 and at the last turn, the ratio between them, and the ratio of the last turn
+with the cache to the last turn without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from app.assets import ensure_default_model
+from app.settings import Settings
+from bench.report import print_table
+from tests.server import ChipiServer
+
+QUESTIONS = [
+    "Tell me about the history of bread.",
+    "How did people bake it in ancient Egypt?",
+    "And in medieval Europe?",
+    "What changed with industrial mills?",
+    "Which grains are used today?",
+    "How is sourdough different?",
+    "Give me a simple recipe.",
+    "How long should it rise?",
+    "What if my kitchen is cold?",
+    "Summarise our conversation.",
+]
+
+
+async def first_token_seconds(client: httpx.AsyncClient, session_id: str, prompt: str) -> float:
+    """Send one turn and read its reply to the end; the time until its first token."""
+    started = time.perf_counter()
+    first: float | None = None
+    async with aconnect_sse(client, "GET", f"/api/conversations/{session_id}/stream", params={"prompt": prompt}) as s:
+        async for event in s.aiter_sse():
+            if event.event == "message" and first is None:
+                first = time.perf_counter() - started
+            elif event.event == "done":
+                break
+    if first is None:
+        raise RuntimeError("the reply had no token")
+    return first
+
+
+async def play(servers: dict[str, ChipiServer], turns: int) -> dict[str, list[float]]:
+    clients = {name: httpx.AsyncClient(base_url=server.url, timeout=300) for name, server in servers.items()}
+    try:
+        sessions = {name: (await c.post("/api/conversations/new")).json()["session_id"] for name, c in clients.items()}
+        ttfts: dict[str, list[float]] = {name: [] for name in servers}
+        for turn in range(turns):
+            for name, client in clients.items():
+                ttfts[name].append(await first_token_seconds(client, sessions[name], QUESTIONS[turn % len(QUESTIONS)]))
+        return ttfts
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    ensure_default_model(Settings.from_env())
+    common = {"CHIPI_MAX_NEW_TOKENS": str(args.max_tokens), "CHIPI_CONTEXT_WINDOW": "0"}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ChipiServer(f"sqlite+aiosqlite:///{tmp}/cached.db", **common) as cached,
+        ChipiServer(f"sqlite+aiosqlite:///{tmp}/plain.db", **common, CHIPI_PREFIX_CACHE_MB="0") as plain,
+    ):
+        servers = {"cached": cached, "plain": plain}
+        asyncio.run(play(servers, 1))  # warm-up, in a conversation of its own
+        ttfts = asyncio.run(play(servers, args.turns))
+    last = args.turns
+    ms = {name: (values[0] * 1000, values[-1] * 1000) for name, values in ttfts.items()}
+    print_table(
+        f"Time to first token over one growing conversation ({args.max_tokens}-token replies, greedy)",
+        [
+            ("prefix cache: turn 1", f"{ms['cached'][0]:.0f} ms"),
+            (f"prefix cache: turn {last}", f"{ms['cached'][1]:.0f} ms"),
+            (f"turn {last} / turn 1", f"{ms['cached'][1] / ms['cached'][0]:.2f}x"),
+            ("no prefix cache: turn 1", f"{ms['plain'][0]:.0f} ms"),
+            (f"no prefix cache: turn {last}", f"{ms['plain'][1]:.0f} ms"),
+            (f"turn {last} / turn 1", f"{ms['plain'][1] / ms['plain'][0]:.2f}x"),
+            (f"turn {last}: cache / none", f"{ms['cached'][1] / ms['plain'][1]:.2f}x"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

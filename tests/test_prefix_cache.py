@@ -1,0 +1,55 @@
+"""The prefix cache's bookkeeping: longest shared prefix, extension, budget (small tensors, no model)."""
+
+from __future__ import annotations
+
+import torch
+
+from app.services.prefix_cache import KeyValues, PrefixCache
+
+LAYERS, HEADS, HEAD_DIM = 2, 1, 4
+BYTES_PER_TOKEN = LAYERS * 2 * HEADS * HEAD_DIM * 4  # keys and values, float32
+
+
+def key_values(token_ids: list[int]) -> KeyValues:
+    """Fake keys and values whose every column holds its token id, so a hit shows which tokens it covers."""
+    column = torch.tensor(token_ids, dtype=torch.float32).view(1, 1, -1, 1).expand(1, HEADS, -1, HEAD_DIM)
+    return [(column.clone(), column.clone()) for _ in range(LAYERS)]
+
+
+def test_a_lookup_returns_the_longest_shared_prefix_and_leaves_the_last_token_to_feed() -> None:
+    cache = PrefixCache(budget_bytes=10_000)
+    cache.store([1, 2, 3, 4], key_values([1, 2, 3, 4]))
+    cache.store([1, 2, 9], key_values([1, 2, 9]))
+
+    hit = cache.lookup([1, 2, 3, 4, 5, 6])
+    assert hit is not None and hit.length == 4
+    assert hit.key_values[0][0][0, 0, :, 0].tolist() == [1, 2, 3, 4]
+
+    same = cache.lookup([1, 2, 3, 4])  # the whole prompt is cached: its last token is still fed, for its logits
+    assert same is not None and same.length == 3
+
+    assert cache.lookup([7, 8, 9]) is None
+    assert cache.lookup([1]) is None
+
+
+def test_an_entry_that_extends_another_replaces_it() -> None:
+    cache = PrefixCache(budget_bytes=10_000)
+    cache.store([1, 2, 3], key_values([1, 2, 3]))
+    cache.store([1, 2, 3, 4, 5], key_values([1, 2, 3, 4, 5]))
+    assert len(cache) == 1 and cache.size_bytes == 5 * BYTES_PER_TOKEN
+
+
+def test_the_least_recently_used_entries_go_first_when_over_budget() -> None:
+    cache = PrefixCache(budget_bytes=8 * BYTES_PER_TOKEN)
+    cache.store([1, 1, 1], key_values([1, 1, 1]))
+    cache.store([2, 2, 2], key_values([2, 2, 2]))
+    assert cache.lookup([1, 1, 1, 5]) is not None  # entry 1 is now the most recently used
+
+    cache.store([3, 3, 3], key_values([3, 3, 3]))  # 9 tokens > 8: the least recently used one (2) goes
+
+    assert cache.lookup([2, 2, 2, 5]) is None
+    assert cache.lookup([1, 1, 1, 5]) is not None and cache.lookup([3, 3, 3, 5]) is not None
+    assert cache.size_bytes <= cache.budget_bytes
+
+    cache.store(list(range(20)), key_values(list(range(20))))  # larger than the whole budget: not kept
+    assert cache.lookup(list(range(21))) is None and len(cache) == 2
