@@ -5,11 +5,26 @@ The server is shared by every test of a database, so each test searches for word
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
+import pytest
+from advanced_alchemy.alembic.commands import AlembicCommands
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
+from app.db import create_db_config, upgrade_database_sync
+from app.domain.models import Conversation, Message
+from app.services.conversations import ConversationService
+from app.settings import Settings
+from tests.conftest import _postgres_database
 from tests.helpers import new_conversation, send_message
 
 
@@ -165,3 +180,40 @@ async def test_an_overlong_query_is_400(client: httpx.AsyncClient) -> None:
         response = await client.get("/api/conversations", params={"q": q})
         assert response.status_code == 400, response.text
         assert response.json()["field"] == "q"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind, for this test alone."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'migrate.db'}"
+    else:
+        yield from _postgres_database()
+
+
+def test_the_migration_indexes_what_is_already_stored(fresh_database_url: str) -> None:
+    settings = replace(Settings.from_env(), database_url=fresh_database_url)
+    AlembicCommands(create_db_config(settings, pooled=False)).upgrade("0002")  # a database from before search
+    title_word, message_word = unique_word(), unique_word()
+    url = make_url(fresh_database_url)
+    sync_driver = "sqlite" if url.get_backend_name() == "sqlite" else "postgresql+psycopg"  # psycopg 3 is both
+    sync_engine = create_engine(url.set(drivername=sync_driver))
+    with Session(sync_engine) as session:
+        conversation = Conversation(title=f"Old {title_word}", title_source="manual", model="m")
+        session.add(conversation)
+        session.flush()
+        session.add(Message(conversation_id=conversation.id, role="user", content=f"old {message_word}"))
+        session.commit()
+        session_id = conversation.id
+    sync_engine.dispose()
+    upgrade_database_sync(settings)
+
+    async def search_stored(q: str) -> list[UUID]:
+        config = create_db_config(settings)
+        async with ConversationService.new(config=config) as conversations:
+            found, _ = await conversations.list_conversations(q, limit=10, offset=0)
+        await config.get_engine().dispose()
+        return [conversation.id for conversation in found]
+
+    assert asyncio.run(search_stored(title_word)) == [session_id]
+    assert asyncio.run(search_stored(message_word)) == [session_id]
