@@ -72,6 +72,7 @@ class Settings:
     prefix_cache_mb: int
     max_prompt_chars: int
     max_title_chars: int
+    auto_title: str  # model | first-message | off (off: the first-message rule, as the seed did)
     system_prompt: str
     stream_flush_seconds: float
     disconnect_grace_seconds: float
@@ -90,6 +91,11 @@ class Settings:
     max_audio_seconds: float
     max_speech_chars: int
     log_level: str
+
+    @property
+    def model_titles(self) -> bool:
+        """True when the model proposes a conversation's title after its first reply."""
+        return self.auto_title == "model"
 
     @property
     def default_model_requested(self) -> bool:
@@ -113,6 +119,7 @@ class Settings:
             prefix_cache_mb=_env_int("CHIPI_PREFIX_CACHE_MB", 256),
             max_prompt_chars=_env_int("CHIPI_MAX_PROMPT_CHARS", 16_000, minimum=1),
             max_title_chars=_env_int("CHIPI_MAX_TITLE_CHARS", 200, minimum=1),
+            auto_title=_env_choice("CHIPI_AUTO_TITLE", "model", ("model", "first-message", "off")),
             system_prompt=os.environ.get("CHIPI_SYSTEM_PROMPT", ""),
             stream_flush_seconds=_env_float("CHIPI_STREAM_FLUSH_SECONDS", 0.5),
             disconnect_grace_seconds=_env_float("CHIPI_DISCONNECT_GRACE_SECONDS", 30.0),

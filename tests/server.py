@@ -48,6 +48,9 @@ class ChipiServer:
             "CHIPI_MAX_AUDIO_BYTES": str(TEST_MAX_AUDIO_BYTES),
             "CHIPI_MAX_AUDIO_SECONDS": str(TEST_MAX_AUDIO_SECONDS),
             "CHIPI_LOG_LEVEL": "warning",
+            # Model titles are generated in the background after a first reply, so tests that check titles or
+            # count generations would race with them; tests/test_titles.py runs a server with them on.
+            "CHIPI_AUTO_TITLE": "first-message",
             **settings,
         }
         self.process: subprocess.Popen[bytes] | None = None

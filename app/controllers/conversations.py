@@ -6,7 +6,7 @@ Inputs the seed took as query parameters are also accepted as JSON bodies.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -14,7 +14,8 @@ from litestar import Controller, delete, get, patch, post, put
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import Response, ServerSentEvent, ServerSentEventMessage, Stream
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.errors import InvalidInputError
 from app.domain.rules import clean_title
@@ -24,6 +25,7 @@ from app.domain.schemas import (
     ConversationCreated,
     ConversationDeleted,
     ConversationDetail,
+    ConversationImported,
     ConversationList,
     EditRequest,
     ErrorBody,
@@ -39,6 +41,7 @@ from app.domain.schemas import (
     conversation_out,
     message_out,
 )
+from app.domain.transfer import ConversationExport
 from app.services.chat import ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
 from app.services.conversations import ConversationService, Edit, NewMessage, Regenerate
 from app.settings import Settings
@@ -114,8 +117,15 @@ class ConversationController(Controller):
         conversations: ConversationService,
         limit: Annotated[int, Parameter(ge=1, le=100, description="Page size")] = 20,
         offset: Annotated[int, Parameter(ge=0, description="Conversations to skip")] = 0,
+        q: Annotated[
+            str | None,
+            Parameter(
+                description="Search: conversations whose title or messages contain every word, best match first "
+                "(blank: no search)"
+            ),
+        ] = None,
     ) -> ConversationList:
-        items, total = await conversations.list_recent(limit=limit, offset=offset)
+        items, total = await conversations.list_conversations(q, limit=limit, offset=offset)
         return ConversationList([conversation_out(c) for c in items], total=total, limit=limit, offset=offset)
 
     @post(
@@ -139,6 +149,55 @@ class ConversationController(Controller):
             model=settings.model,
         )
         return conversation_out(conversation, ConversationCreated, message="Conversation created")
+
+    @get(
+        "/export",
+        operation_id="exportAllConversations",
+        summary="Every conversation as NDJSON: one JSON export (as from a single export) per line, streamed",
+        media_type="application/x-ndjson",
+    )
+    async def export_all(self, db_engine: AsyncEngine) -> Stream:
+        return Stream(
+            ConversationService.export_all_ndjson(db_engine),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": 'attachment; filename="chipi-conversations.ndjson"'},
+        )
+
+    @post(
+        "/import",
+        operation_id="importConversation",
+        summary="Recreate a conversation from its JSON export, under new ids",
+        responses=_error_responses(400),
+    )
+    async def import_conversation(
+        self, conversations: ConversationService, settings: Settings, data: ConversationExport
+    ) -> ConversationImported:
+        conversation = await conversations.import_conversation(data, max_title_chars=settings.max_title_chars)
+        return conversation_out(
+            conversation, ConversationImported, message="Conversation imported", imported_messages=len(data.messages)
+        )
+
+    @get(
+        "/{session_id:str}/export",
+        operation_id="exportConversation",
+        summary="A conversation as JSON (every message of every branch, re-importable) or Markdown (active branch)",
+        responses={
+            200: ResponseSpec(
+                data_container=ConversationExport,
+                description="format=json: the export; format=markdown: a text/markdown document",
+            ),
+            **_error_responses(400, 404),
+        },
+    )
+    async def export_conversation(
+        self,
+        conversations: ConversationService,
+        conversation_id: UUID,
+        format: Annotated[Literal["json", "markdown"], Parameter(description="json or markdown")] = "json",
+    ) -> Response[bytes]:
+        exported = await conversations.export_file(conversation_id, format)
+        disposition = f'attachment; filename="{exported.filename}"'
+        return Response(exported.content, media_type=exported.media_type, headers={"Content-Disposition": disposition})
 
     @get(
         "/{session_id:str}",

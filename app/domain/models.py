@@ -11,9 +11,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 
 class TitleSource(enum.StrEnum):
-    DEFAULT = "default"
-    AUTO = "auto"
-    MANUAL = "manual"
+    DEFAULT = "default"  # the placeholder, before the first message
+    AUTO = "auto"  # the first user message's first 100 characters
+    MODEL = "model"  # proposed by the model after the first reply
+    MANUAL = "manual"  # set by the user: never replaced
 
 
 class Role(enum.StrEnum):

@@ -1,7 +1,8 @@
-"""Pure conversation rules: input checks, automatic titles, context-window trimming."""
+"""Pure conversation rules: input checks, automatic titles, search terms, context-window trimming."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -62,3 +63,44 @@ def trim_history(
         else:
             lo = mid + 1
     return turns[starts[lo] :]
+
+
+MODEL_TITLE_CHARS = 60
+_TITLE_PREFIX = re.compile(r"^(?:title|conversation title|topic)\s*[:\-\u2013]\s*", re.IGNORECASE)
+_TITLE_STRIP = "\"'`*#_[]() \t\u201c\u201d\u2018\u2019\u00ab\u00bb"  # quotes (typographic too), markup
+_TITLE_END = ".,;:!-\u2013 "
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def clean_model_title(text: str) -> str | None:
+    """A model's proposed title made fit to show: its first line and sentence, without quotes, markup or a
+    `Title:` prefix, at most MODEL_TITLE_CHARS (cut at a word); None when nothing usable is left."""
+    line = next((line for line in text.splitlines() if line.strip(_TITLE_STRIP)), "")
+    line = _TITLE_PREFIX.sub("", line.strip(_TITLE_STRIP))
+    line = _SENTENCE_END.split(line, maxsplit=1)[0]
+    title = " ".join(line.split()).strip(_TITLE_STRIP).rstrip(_TITLE_END).strip(_TITLE_STRIP)
+    if len(title) > MODEL_TITLE_CHARS:
+        cut = title[: MODEL_TITLE_CHARS + 1].rsplit(" ", 1)[0] if " " in title[:MODEL_TITLE_CHARS] else ""
+        title = (cut or title[:MODEL_TITLE_CHARS]).rstrip(_TITLE_END)
+    if sum(char.isalnum() for char in title) < 2:
+        return None
+    return title
+
+
+MAX_SEARCH_CHARS = 500
+MAX_SEARCH_TERMS = 32
+_WORD = re.compile(r"[^\W_]+")  # letters and digits of any script; `_` separates words, as in both indexes
+
+
+def search_terms(query: str) -> list[str]:
+    """The words of a search query: every run of letters and digits, in order, without duplicates.
+
+    Operators, quotes and punctuation are not syntax, just separators, so no input can break the database's query.
+    Longer than MAX_SEARCH_CHARS or with more than MAX_SEARCH_TERMS words is a 400.
+    """
+    if len(query) > MAX_SEARCH_CHARS:
+        raise InvalidInputError(f"q is {len(query)} characters; the limit is {MAX_SEARCH_CHARS}", field="q")
+    terms = list(dict.fromkeys(word.lower() for word in _WORD.findall(query)))
+    if len(terms) > MAX_SEARCH_TERMS:
+        raise InvalidInputError(f"q has {len(terms)} words; the limit is {MAX_SEARCH_TERMS}", field="q")
+    return terms

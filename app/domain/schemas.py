@@ -85,6 +85,11 @@ class ConversationCreated(ConversationOut):
     message: str
 
 
+class ConversationImported(ConversationOut):
+    message: str
+    imported_messages: int
+
+
 class ConversationList(msgspec.Struct):
     conversations: list[ConversationOut]
     total: int

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
 config = cast("AlembicCommandConfig", context.config)
 
 
+def _include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """Keep the search index (migration 0003, raw SQL: FTS5 tables and triggers, GIN expression indexes) out of
+    autogenerate's comparison, which would otherwise propose dropping it."""
+    if type_ == "table" and reflected and compare_to is None and (name or "").startswith("search_"):
+        return False
+    return not (type_ == "index" and (name or "").endswith("_fts"))
+
+
 def _configure(**kwargs: object) -> None:
     context.configure(
         target_metadata=metadata_registry.get(config.bind_key),
@@ -25,6 +33,7 @@ def _configure(**kwargs: object) -> None:
         version_table=config.version_table_name,
         render_as_batch=config.render_as_batch,  # SQLite alters tables by copying them
         user_module_prefix=config.user_module_prefix,
+        include_object=_include_object,
         **kwargs,
     )
 

@@ -8,9 +8,38 @@ from uuid import UUID
 
 from advanced_alchemy.filters import LimitOffset
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from sqlalchemy import select, update
+from sqlalchemy import Float, func, select, text, update
+from sqlalchemy.sql.selectable import Subquery
 
-from app.domain.models import Conversation, Message, MessageStatus
+from app.domain.models import Conversation, Message, MessageStatus, TitleSource
+
+# Each search query yields (conversation_id, score) per matching conversation, lower scores ranking first: its best
+# matching text, a title counting twice. Migration 0003 builds what they read. (FTS5's `rank` column is bm25(); the
+# function itself cannot be used inside an aggregate.)
+_SQLITE_SEARCH = """
+SELECT d.conversation_id AS conversation_id,
+       min(CASE WHEN d.message_id IS NULL THEN 2.0 ELSE 1.0 END * search_fts.rank) AS score
+FROM search_fts JOIN search_doc AS d ON d.id = search_fts.rowid
+WHERE search_fts MATCH :match
+GROUP BY d.conversation_id
+"""
+_POSTGRES_SEARCH = """
+SELECT hits.conversation_id AS conversation_id, min(hits.score) AS score FROM (
+    SELECT m.conversation_id AS conversation_id, -ts_rank(to_tsvector('english', m.content), q) AS score
+    FROM message AS m, plainto_tsquery('english', :terms) AS q
+    WHERE to_tsvector('english', m.content) @@ q AND m.status <> 'streaming'
+    UNION ALL
+    SELECT c.id, -2 * ts_rank(to_tsvector('english', c.title), q)
+    FROM conversation AS c, plainto_tsquery('english', :terms) AS q
+    WHERE to_tsvector('english', c.title) @@ q
+) AS hits
+GROUP BY hits.conversation_id
+"""
+
+
+def _fts5_string(term: str) -> str:
+    """A term as an FTS5 string: read as a plain word (or phrase), never as an operator or a column filter."""
+    return '"' + term.replace('"', '""') + '"'
 
 
 class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
@@ -23,6 +52,54 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
             order_by=[(Conversation.updated_at, True), (Conversation.id, True)],
         )
 
+    async def search(self, terms: list[str], *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
+        """A page of the conversations whose title or messages contain every term, best match first, and the
+        total count. SQLite ranks with FTS5's bm25, PostgreSQL with ts_rank (English stemming on both)."""
+        if not terms:
+            return [], 0
+        hits = self._search_hits(terms)
+        page = (
+            select(Conversation)
+            .join(hits, hits.c.conversation_id == Conversation.id)
+            .order_by(hits.c.score, Conversation.updated_at.desc(), Conversation.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        conversations = (await self.session.execute(page)).scalars().all()
+        total = await self.session.scalar(select(func.count()).select_from(hits))
+        return conversations, int(total or 0)
+
+    def _search_hits(self, terms: list[str]) -> Subquery:
+        if self._dialect.name == "sqlite":
+            # every term quoted: FTS5 reads it as a plain word (or phrase), never as an operator
+            query = text(_SQLITE_SEARCH).bindparams(match=" ".join(_fts5_string(term) for term in terms))
+        elif self._dialect.name == "postgresql":
+            query = text(_POSTGRES_SEARCH).bindparams(terms=" ".join(terms))
+        else:
+            raise NotImplementedError(f"search is not implemented for {self._dialect.name}")
+        return query.columns(conversation_id=Conversation.id.type, score=Float()).subquery("hits")
+
+    async def set_model_title(self, conversation_id: UUID, title: str) -> bool:
+        """Give the conversation the model's title unless its title was set by hand meanwhile (one atomic
+        statement, so a rename that lands while the title is being generated always wins)."""
+        result = await self.session.execute(
+            update(Conversation)
+            .where(
+                Conversation.id == conversation_id,
+                Conversation.title_source.in_([TitleSource.DEFAULT.value, TitleSource.AUTO.value]),
+            )
+            .values(title=title, title_source=TitleSource.MODEL.value)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def page_after(self, after: UUID | None, size: int) -> Sequence[Conversation]:
+        """Up to `size` conversations in id (creation) order after `after`: keyset pages for a bulk export."""
+        query = select(Conversation).order_by(Conversation.id).limit(size)
+        if after is not None:
+            query = query.where(Conversation.id > after)
+        return (await self.session.execute(query)).scalars().all()
+
 
 class MessageRepository(SQLAlchemyAsyncRepository[Message]):
     model_type = Message
@@ -31,6 +108,15 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
         """Every message of a conversation, oldest first (ids are UUIDv7, so they break timestamp ties in order)."""
         result = await self.session.execute(
             select(Message).where(Message.conversation_id == conversation_id).order_by(Message.created_at, Message.id)
+        )
+        return result.scalars().all()
+
+    async def list_for_conversations(self, conversation_ids: Sequence[UUID]) -> Sequence[Message]:
+        """Every message of the given conversations, oldest first."""
+        result = await self.session.execute(
+            select(Message)
+            .where(Message.conversation_id.in_(conversation_ids))
+            .order_by(Message.created_at, Message.id)
         )
         return result.scalars().all()
 

@@ -29,6 +29,7 @@ from app.domain.schemas import Usage
 from app.domain.stop_sequences import StopSequences
 from app.services.conversations import ConversationService, Edit, NewMessage, PlannedTurn, TurnRequest
 from app.services.model import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt
+from app.services.titles import TitleService
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class ChatService:
         self._sweeper: asyncio.Task[None] | None = None
         self._waiting = 0
         self._splits_reasoning = model.splits_reasoning
+        self._titles = TitleService(model, db_config) if settings.model_titles else None
 
     @property
     def active_generations(self) -> int:
@@ -417,6 +419,8 @@ class ChatService:
             await save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE, finished)
             usage = Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
             generation.publish(ReplyFinished(usage=usage, finish_reason=finished.finish_reason))
+            if not cancelled:
+                self._propose_title(generation)
         except asyncio.CancelledError:  # the server is shutting down
             generation.cancel()
             await save(MessageStatus.CANCELLED, reason="cancelled")
@@ -434,6 +438,14 @@ class ChatService:
             if generation.conversation_id is not None:
                 self._running.pop(generation.conversation_id, None)
                 self._keep_for_late_clients(generation.conversation_id, generation)
+
+    def _propose_title(self, generation: Generation) -> None:
+        """After a conversation's first reply (to a user message at the root), let the model name it."""
+        user_message = generation.user_message
+        if self._titles is None or generation.conversation_id is None or user_message is None:
+            return
+        if user_message.parent_id is None:
+            self._titles.propose_after_first_reply(generation.conversation_id, user_message.content)
 
     def _keep_for_late_clients(self, conversation_id: UUID, generation: Generation) -> None:
         self._recent[conversation_id] = generation
@@ -488,6 +500,8 @@ class ChatService:
         """Stop every running reply and wait until each is stored as cancelled."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._titles is not None:
+            await self._titles.aclose()
         for generation in self._running.values():
             if generation is not None:
                 generation.cancel()

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
+import msgspec
 from advanced_alchemy.service import SQLAlchemyAsyncRepositoryService
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from uuid_utils.compat import uuid7
 
 from app.domain.branches import active_path, newest_leaf_under, path_to
 from app.domain.errors import InvalidInputError, NotFoundError
 from app.domain.models import Conversation, Message, MessageStatus, Role, TitleSource
-from app.domain.rules import DEFAULT_TITLE, auto_title
+from app.domain.rules import DEFAULT_TITLE, auto_title, search_terms
+from app.domain.transfer import ConversationExport, export_conversation, import_order, render_markdown
 from app.repositories.conversations import ConversationRepository, MessageRepository
 
 
@@ -40,6 +45,16 @@ class Edit:
 
 
 TurnRequest = NewMessage | Regenerate | Edit
+
+ExportFormat = Literal["json", "markdown"]
+EXPORT_BATCH = 50  # conversations read per short session while a bulk export streams
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    content: bytes
+    media_type: str
+    filename: str
 
 
 @dataclass
@@ -74,6 +89,88 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
 
     async def list_recent(self, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
         return await self.repository.list_recent(limit=limit, offset=offset)
+
+    async def list_conversations(self, q: str | None, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
+        """The newest conversations, or with a (non-blank) `q` those matching it, best match first."""
+        if q is None or not q.strip():
+            return await self.repository.list_recent(limit=limit, offset=offset)
+        return await self.repository.search(search_terms(q), limit=limit, offset=offset)
+
+    async def set_model_title(self, conversation_id: UUID, title: str) -> bool:
+        """Store the model's title unless the user has named the conversation; True if it was stored."""
+        stored = await self.repository.set_model_title(conversation_id, title)
+        await self.repository.session.commit()
+        return stored
+
+    async def export_file(self, conversation_id: UUID, export_format: ExportFormat) -> ExportedFile:
+        """The conversation as a lossless JSON export (the whole tree) or as Markdown (the active branch)."""
+        conversation, messages = await self.get_with_messages(conversation_id, tree=True)
+        if export_format == "markdown":
+            branch = active_path(messages, conversation.active_message_id)
+            content = render_markdown(conversation, branch).encode()
+            return ExportedFile(content, "text/markdown; charset=utf-8", f"chipi-{conversation_id}.md")
+        content = msgspec.json.encode(export_conversation(conversation, messages))
+        return ExportedFile(content, "application/json", f"chipi-{conversation_id}.json")
+
+    async def import_conversation(self, export: ConversationExport, *, max_title_chars: int) -> Conversation:
+        """Recreate an exported conversation under new ids (the conversation's and every message's), so importing
+        the same export twice gives two independent copies. Timestamps, statuses and the tree are kept."""
+        ordered = import_order(export, max_title_chars=max_title_chars)
+        new_ids = {message.id: uuid7() for message in ordered}  # time-ordered like every id, parents first
+        conversation = Conversation(
+            title=export.title,
+            title_source=export.title_source,
+            system_prompt=export.system_prompt,
+            model=export.model,
+            active_message_id=new_ids.get(export.active_message_id) if export.active_message_id else None,
+            created_at=export.created_at,
+            updated_at=export.updated_at,
+        )
+        await self.repository.add(conversation)
+        for message in ordered:
+            await self.messages.add(
+                Message(
+                    id=new_ids[message.id],
+                    conversation_id=conversation.id,
+                    parent_id=new_ids[message.parent_id] if message.parent_id is not None else None,
+                    role=message.role,
+                    content=message.content,
+                    reasoning=message.reasoning,
+                    status=message.status,
+                    prompt_tokens=message.prompt_tokens,
+                    completion_tokens=message.completion_tokens,
+                    finish_reason=message.finish_reason,
+                    created_at=message.created_at,
+                    updated_at=message.updated_at or message.created_at,
+                )
+            )
+        await self.repository.session.commit()
+        return conversation
+
+    async def export_batch(self, after: UUID | None, size: int) -> list[ConversationExport]:
+        """Up to `size` conversations after `after` in creation order, each with its whole message tree."""
+        conversations = await self.repository.page_after(after, size)
+        if not conversations:
+            return []
+        messages = await self.messages.list_for_conversations([conversation.id for conversation in conversations])
+        by_conversation: dict[UUID, list[Message]] = defaultdict(list)
+        for message in messages:
+            by_conversation[message.conversation_id].append(message)
+        return [export_conversation(c, by_conversation[c.id]) for c in conversations]
+
+    @classmethod
+    async def export_all_ndjson(cls, engine: AsyncEngine) -> AsyncIterator[bytes]:
+        """Every conversation as one JSON export per line, read in small batches, each in a short session of its
+        own, so neither the whole export nor a database session is held while the response streams."""
+        after: UUID | None = None
+        while True:
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                batch = await cls(session=session).export_batch(after, EXPORT_BATCH)
+            if not batch:
+                return
+            for export in batch:
+                yield msgspec.json.encode(export) + b"\n"
+            after = batch[-1].session_id
 
     async def get_conversation(self, conversation_id: UUID) -> Conversation:
         conversation = await self.repository.get_one_or_none(id=conversation_id)
