@@ -18,7 +18,12 @@ def _serve(_: argparse.Namespace) -> None:
     # An `audio` WebSocket frame carries a recording in base64 (4/3 of its size): let the largest allowed one in.
     ws_max_size = max(16 * 1024 * 1024, settings.max_audio_bytes * 4 // 3 + 64 * 1024)
     uvicorn.run(
-        "app.asgi:app", host=settings.host, port=settings.port, log_level=settings.log_level, ws_max_size=ws_max_size
+        "app.asgi:app",
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=ws_max_size,
+        access_log=False,  # Chipi writes its own access log (app/observability.py)
     )
 
 
