@@ -98,6 +98,7 @@ def _chat(args: argparse.Namespace) -> None:
 
     settings = get_settings()
     url = args.url or f"http://{settings.host}:{settings.port}"
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request in the middle of the chat
     try:
         TerminalChat(url, args.session).run()
     except ChatClientError as exc:

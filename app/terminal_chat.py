@@ -31,7 +31,7 @@ def _error_detail(response: httpx.Response) -> str:
 
 def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) for each server-sent event; several `data:` lines are one value joined by newlines."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:
@@ -109,7 +109,8 @@ class TerminalChat:
     def open(self, session_id: str) -> None:
         conversation = self._request("GET", f"/api/conversations/{session_id}")
         self._session_id = session_id
-        self._say(f"conversation {session_id}: {conversation['title']} ({len(conversation['messages'])} messages)")
+        title, count = conversation["conversation"]["title"], len(conversation["messages"])
+        self._say(f"conversation {session_id}: {title} ({count} messages)")
 
     def list_conversations(self) -> None:
         page = self._request("GET", "/api/conversations", params={"limit": 20})
