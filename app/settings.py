@@ -91,6 +91,7 @@ class Settings:
     max_audio_seconds: float
     max_speech_chars: int
     log_level: str
+    log_format: str
 
     @property
     def model_titles(self) -> bool:
@@ -138,6 +139,7 @@ class Settings:
             max_audio_seconds=_env_float("CHIPI_MAX_AUDIO_SECONDS", 600.0, minimum=1.0),
             max_speech_chars=_env_int("CHIPI_MAX_SPEECH_CHARS", 4096, minimum=1),
             log_level=_env("CHIPI_LOG_LEVEL", "info").lower(),
+            log_format=_env_choice("CHIPI_LOG_FORMAT", "json", ("json", "text")),
         )
 
 

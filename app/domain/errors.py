@@ -49,3 +49,13 @@ class BusyError(ChipiError):
 class ModelUnavailableError(ChipiError):
     status_code = 503
     code = "model_unavailable"
+
+
+class NotReadyError(BusyError):
+    """A part the request needs (the model, the speech models) is still loading or failed to load: 503 with
+    Retry-After, like a busy model."""
+
+    code = "not_ready"
+
+    def __init__(self, detail: str, retry_after_seconds: int) -> None:
+        super().__init__(detail, 503, retry_after_seconds)

@@ -15,12 +15,23 @@ class Pong(msgspec.Struct):
     response: str
 
 
+class ComponentHealth(msgspec.Struct):
+    """One part the server needs: `ready`, `loading`, `failed` (with the error) or `unreachable`."""
+
+    state: str
+    detail: str | None = None
+
+
 class Health(msgspec.Struct):
+    """`status` is `ok` (HTTP 200) when the database answers and every model is loaded, else `unavailable` (503)."""
+
     status: str
     model: str
     device: str
     active_generations: int
     queued_generations: int
+    components: dict[str, ComponentHealth]
+    not_ready: list[str]
 
 
 class ErrorBody(msgspec.Struct):

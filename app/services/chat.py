@@ -27,6 +27,7 @@ from app.domain.reasoning import Piece, ReasoningSplitter
 from app.domain.rules import clean_prompt
 from app.domain.schemas import Usage
 from app.domain.stop_sequences import StopSequences
+from app.observability import record_first_token, record_generated_tokens
 from app.services.conversations import ConversationService, Edit, NewMessage, PlannedTurn, TurnRequest
 from app.services.model import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt
 from app.services.titles import TitleService
@@ -401,13 +402,18 @@ class ChatService:
             if stored is None:  # the conversation was deleted under the reply
                 generation.cancel()
 
-        flushed_at = time.monotonic()
+        flushed_at = started_at = time.monotonic()
+        first_token = True
         try:
             finished = GenerationFinished("error", len(prompt.token_ids), 0)
             async for output in self.model.stream(prompt, params, generation.cancelled):
                 if isinstance(output, GenerationFinished):
                     finished = output
+                    record_generated_tokens(output.completion_tokens)
                     continue
+                if first_token:
+                    record_first_token(time.monotonic() - started_at)
+                    first_token = False
                 take(splitter.feed(output.text) if splitter else [Piece("content", output.text)])
                 if time.monotonic() - flushed_at >= self._settings.stream_flush_seconds:
                     await save(MessageStatus.STREAMING)
