@@ -221,6 +221,49 @@ async def test_chat_reload_rename_regenerate_and_delete(
     assert chat.errors == []
 
 
+MARKDOWN_SAMPLE = """# Plan
+
+Some **bold**, *italic* and `inline <code>` with a [link](https://example.com/a?b=1&c=2).
+
+- first
+- second
+  1. nested
+
+```python
+print("<b>not bold</b>")
+```
+
+<img src=x onerror="window.hacked=1"> <script>window.hacked=2</script>
+[bad](javascript:window.hacked=3) [also bad](data:text/html,hi)"""
+
+
+async def test_markdown_is_rendered_and_markup_is_only_ever_text(chat: ChatPage, server: ChipiServer) -> None:
+    page = chat.page
+    await page.goto(server.url + "/")
+    html = await page.evaluate("(text) => window.Chipi.renderMarkdown(text)", MARKDOWN_SAMPLE)
+    await page.evaluate(
+        """(html) => { const el = document.createElement("div"); el.id = "sample"; el.className = "message assistant";
+        el.innerHTML = `<div class="body">${html}</div>`; document.getElementById("messages").append(el); }""",
+        html,
+    )
+    sample = page.locator("#sample")
+    await expect(sample.locator("h1")).to_have_text("Plan")
+    await expect(sample.locator("strong")).to_have_text("bold")
+    await expect(sample.locator("em")).to_have_text("italic")
+    await expect(sample.locator("p code")).to_have_text("inline <code>")
+    await expect(sample.locator("a")).to_have_count(1)
+    await expect(sample.locator("a")).to_have_attribute("href", "https://example.com/a?b=1&c=2")
+    await expect(sample.locator("ul > li")).to_have_count(2)
+    await expect(sample.locator("ul ol > li")).to_have_text("nested")
+    await expect(sample.locator("pre code.language-python")).to_have_text('print("<b>not bold</b>")')
+    await expect(sample.locator("img, script, b")).to_have_count(0)
+    await expect(sample).to_contain_text('<img src=x onerror="window.hacked=1">')
+    await expect(sample).to_contain_text("[bad](javascript:window.hacked=3)")
+    await chat.screenshot("markdown")
+    assert await page.evaluate("window.hacked") is None
+    assert chat.errors == []
+
+
 async def test_stop_mid_reply(chat: ChatPage, server: ChipiServer, client: httpx.AsyncClient) -> None:
     page = chat.page
     session_id = await _start_conversation(chat, server)

@@ -943,6 +943,8 @@
   ui.scrim.addEventListener("click", () => setSidebar(false));
   window.addEventListener("popstate", routeFromLocation);
 
+  window.Chipi = Object.freeze({ renderMarkdown }); // for tests and the curious; the page needs no globals
+
   renderHeader();
   loadList();
   detectVoice();
