@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Installed before the project so pip keeps it; on a machine without a GPU you may point this at a CPU build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test install install-dev lint bench clean
+.PHONY: run test install install-dev browser lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ install-dev: $(VENV)/.installed-dev
 run: $(VENV)/.installed
 	$(BIN)/chipi serve
 
-## test: install the dev extras if missing and run the whole suite (SQLite and PostgreSQL)
-test: $(VENV)/.installed-dev
+## browser: Debian's chromium for the web chat test (apt-get, with sudo when not root), if missing
+browser:
+	sh scripts/install-chromium.sh
+
+## test: install the dev extras and chromium if missing and run the whole suite (SQLite and PostgreSQL)
+test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
 from advanced_alchemy.extensions.litestar.providers import create_service_provider
@@ -13,6 +14,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
 
 from app.controllers.audio import AudioController, VoiceChatController
 from app.controllers.conversations import ConversationController
@@ -32,6 +34,7 @@ logger = logging.getLogger("app")
 
 DEFAULT_MAX_BODY_BYTES = 10_000_000  # Litestar's default
 FORM_OVERHEAD_BYTES = 64 * 1024
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 WEBSOCKET_DOC = """A local chatbot backend: stored conversations, replies streamed from a local model.
@@ -97,6 +100,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AudioController,
             VoiceChatController,
             chat_socket,
+            # The web chat page at `/` (plain files, no build step); routes above take precedence over its paths.
+            create_static_files_router(path="/", directories=[STATIC_DIR], html_mode=True, name="web"),
         ],
         plugins=[SQLAlchemyPlugin(config=db_config)],
         dependencies={
