@@ -70,15 +70,17 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
     ensure_default_model(Settings.from_env())
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = {
-            "CHIPI_MAX_NEW_TOKENS": str(args.max_tokens),
-            "CHIPI_CONTEXT_WINDOW": "0",
-            "CHIPI_MAX_CONCURRENT_GENERATIONS": str(max(args.levels)),
-        }
-        with ChipiServer(f"sqlite+aiosqlite:///{tmp}/bench.db", **settings) as server:
-            asyncio.run(level(server.url, 1))  # warm-up
-            results = {streams: asyncio.run(level(server.url, streams)) for streams in args.levels}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ChipiServer(
+            f"sqlite+aiosqlite:///{tmp}/bench.db",
+            CHIPI_MAX_NEW_TOKENS=str(args.max_tokens),
+            CHIPI_CONTEXT_WINDOW="0",
+            CHIPI_MAX_CONCURRENT_GENERATIONS=str(max(args.levels)),
+        ) as server,
+    ):
+        asyncio.run(level(server.url, 1))  # warm-up
+        results = {streams: asyncio.run(level(server.url, streams)) for streams in args.levels}
     base_rate, base_runs = results[min(args.levels)]
     base_ttft = statistics.median(run.first_token_seconds for run in base_runs)
     print(f"\nChipi concurrent streams through the API ({args.max_tokens} tokens max, greedy)")

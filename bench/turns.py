@@ -1,17 +1,18 @@
 """Time to first token as one conversation grows, with and without the prefix cache.
 
-    python -m bench.turns [--turns 10] [--max-tokens 64]
+    python -m bench.turns [--turns 10] [--conversations 3] [--max-tokens 64]
 
 Starts two real servers (uvicorn subprocesses, SQLite, greedy), one with CHIPI_PREFIX_CACHE_MB=0, and plays the
-same conversation on both, turn by turn, alternating between them so that machine noise hits both alike. Prints
-the time to first token at turn 1 and at the last turn, the ratio between them, and the ratio of the last turn
-with the cache to the last turn without it.
+same conversations on both, turn by turn, alternating between them so that machine noise hits both alike. Prints
+the median time to first token at turn 1 and at the last turn, the ratio between them, and the ratio of the last
+turn with the cache to the last turn without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 
@@ -69,22 +70,32 @@ async def play(servers: dict[str, ChipiServer], turns: int) -> dict[str, list[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     ensure_default_model(Settings.from_env())
-    common = {"CHIPI_MAX_NEW_TOKENS": str(args.max_tokens), "CHIPI_CONTEXT_WINDOW": "0"}
+    max_tokens = str(args.max_tokens)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        ChipiServer(f"sqlite+aiosqlite:///{tmp}/cached.db", **common) as cached,
-        ChipiServer(f"sqlite+aiosqlite:///{tmp}/plain.db", **common, CHIPI_PREFIX_CACHE_MB="0") as plain,
+        ChipiServer(f"sqlite+aiosqlite:///{tmp}/a.db", CHIPI_MAX_NEW_TOKENS=max_tokens, CHIPI_CONTEXT_WINDOW="0") as on,
+        ChipiServer(
+            f"sqlite+aiosqlite:///{tmp}/b.db",
+            CHIPI_MAX_NEW_TOKENS=max_tokens,
+            CHIPI_CONTEXT_WINDOW="0",
+            CHIPI_PREFIX_CACHE_MB="0",
+        ) as off,
     ):
-        servers = {"cached": cached, "plain": plain}
+        servers = {"cached": on, "plain": off}
         asyncio.run(play(servers, 1))  # warm-up, in a conversation of its own
-        ttfts = asyncio.run(play(servers, args.turns))
+        runs = [asyncio.run(play(servers, args.turns)) for _ in range(args.conversations)]
     last = args.turns
-    ms = {name: (values[0] * 1000, values[-1] * 1000) for name, values in ttfts.items()}
+    ms = {
+        name: [statistics.median(run[name][turn] for run in runs) * 1000 for turn in (0, last - 1)]
+        for name in ("cached", "plain")
+    }
     print_table(
-        f"Time to first token over one growing conversation ({args.max_tokens}-token replies, greedy)",
+        f"Time to first token as a conversation grows (median of {args.conversations} conversations, "
+        f"{args.max_tokens}-token replies, greedy)",
         [
             ("prefix cache: turn 1", f"{ms['cached'][0]:.0f} ms"),
             (f"prefix cache: turn {last}", f"{ms['cached'][1]:.0f} ms"),
