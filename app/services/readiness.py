@@ -11,7 +11,6 @@ import asyncio
 import logging
 from typing import Generic, TypeVar
 
-import anyio
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 from sqlalchemy import text
 
@@ -19,6 +18,7 @@ from app.domain.errors import NotReadyError
 from app.domain.schemas import ComponentHealth, Health
 from app.services.chat import ChatService
 from app.services.model import ModelService
+from app.services.own_thread import run_in_own_thread
 from app.services.remote import RemoteModelService
 from app.services.speech import SpeechService, VoiceChatService
 from app.settings import Settings
@@ -82,7 +82,8 @@ class Readiness:
             if self._settings.remote_base_url:
                 self._model = await RemoteModelService.connect(self._settings)
             else:
-                self._model = await anyio.to_thread.run_sync(ModelService.load, self._settings, abandon_on_cancel=True)
+                # Threads of their own (see app/services/own_thread.py); cancelling abandons a load, it runs on.
+                self._model = await run_in_own_thread(ModelService.load, self._settings)
             chat = ChatService(self._model, self._db_config, self._settings)
             chat.start()
             self.chat.value = chat
@@ -91,9 +92,7 @@ class Readiness:
             self.chat.error = str(exc) or type(exc).__name__
             logger.exception("the model failed to load")
         try:
-            self.speech.value = await anyio.to_thread.run_sync(
-                SpeechService.load, self._settings, abandon_on_cancel=True
-            )
+            self.speech.value = await run_in_own_thread(SpeechService.load, self._settings)
         except Exception as exc:
             self.speech.error = str(exc) or type(exc).__name__
             logger.exception("the speech models failed to load")

@@ -26,6 +26,7 @@ import numpy as np
 from app.domain.errors import InvalidInputError, NotFoundError, TooLargeError
 from app.domain.schemas import Transcription, TranscriptSegment, VoiceOut
 from app.domain.sentences import SentenceSplitter, clauses, speakable, speech_pieces
+from app.services.own_thread import run_in_own_thread
 from app.services.speech.codec import (
     WHISPER_SAMPLE_RATE,
     Samples,
@@ -176,7 +177,8 @@ class SpeechService:
         return self._voices[name]
 
     async def _run(self, limiter: anyio.CapacityLimiter, work: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(work, *args, limiter=limiter)
+        async with limiter:
+            return await run_in_own_thread(work, *args)  # not a pooled thread: see app/services/own_thread.py
 
     # Speech-to-text
 
