@@ -15,6 +15,7 @@ from app.settings import DEFAULT_MODEL_DIR
         "Hello, world! How are you?",
         "Café crème, naïve façade — and a snake: 🐍🐍 and 日本語のテキスト.",
         "Line one\nLine two\n\n  indented  code()\n",
+        "A long reply, decoded a window at a time: déjà vu, 🐍 and 日本語. " * 40,
     ],
 )
 def test_deltas_concatenate_to_the_decoded_text(text: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 from advanced_alchemy.filters import LimitOffset
@@ -119,6 +119,16 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
             .order_by(Message.created_at, Message.id)
         )
         return result.scalars().all()
+
+    async def write_text(self, message_id: UUID, content: str, reasoning: str | None) -> bool:
+        """Overwrite a message's text in one UPDATE (no read, no refresh); False if it no longer exists."""
+        result = await self.session.execute(
+            update(Message)
+            .where(Message.id == message_id)
+            .values(content=content, reasoning=reasoning, updated_at=datetime.now(UTC))
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def mark_interrupted(self, stale_before: datetime) -> int:
         """Finish replies left `streaming` (not written since `stale_before`) by a process that died."""

@@ -396,10 +396,12 @@ class ChatService:
         async def save(status: MessageStatus, finished: GenerationFinished | None = None, reason: str = "") -> None:
             if generation.reply is None:
                 return  # a stateless completion: nothing is stored
-            stored = await self._save(
-                generation, "".join(content), "".join(reasoning) or None, status, finished, reason
-            )
-            if stored is None:  # the conversation was deleted under the reply
+            text, thoughts = "".join(content), "".join(reasoning) or None
+            if status == MessageStatus.STREAMING:
+                stored = await self._save_partial(generation, text, thoughts)
+            else:
+                stored = await self._save(generation, text, thoughts, status, finished, reason) is not None
+            if not stored:  # the conversation was deleted under the reply
                 generation.cancel()
 
         flushed_at = started_at = time.monotonic()
@@ -461,6 +463,12 @@ class ChatService:
                 del self._recent[conversation_id]
 
         asyncio.get_running_loop().call_later(self._settings.disconnect_grace_seconds, forget)
+
+    async def _save_partial(self, generation: Generation, content: str, reasoning: str | None) -> bool:
+        """Write the text so far of a reply still streaming, in a short session of its own."""
+        assert generation.reply is not None
+        async with ConversationService.new(config=self._db_config) as conversations:
+            return await conversations.save_partial_reply(generation.reply.id, content=content, reasoning=reasoning)
 
     async def _save(
         self,

@@ -64,24 +64,30 @@ GenerationOutput = TextDelta | GenerationFinished
 class _IncrementalDecoder:
     """Turns a reply's token ids, fed as they come, into exact text deltas.
 
-    The generated ids are decoded whole each time and only the new suffix is returned, so multi-token characters
-    and tokenizers that merge spaces come out right; a trailing replacement character waits for its next token.
+    Each feed decodes a short window: the ids since the last delta, after the few ids that produced it. The text of
+    those few ids alone is cut off the front, so tokenizers that merge spaces or split a character across tokens
+    come out right, and the cost per token stays flat however long the reply grows. A trailing replacement
+    character waits for its next token.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._sent = 0
+        self._context = 0  # where the window starts: the ids of the last delta
+        self._sent = 0  # where the ids not yet turned into text start
 
     def feed(self, token_ids: Sequence[int]) -> str:
         """The text the reply gained with `token_ids` ("" when there is none yet)."""
         self._ids.extend(token_ids)
-        text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-        if text.endswith("\ufffd") or len(text) <= self._sent:
+        before = self._decode(self._ids[self._context : self._sent])
+        text = self._decode(self._ids[self._context :])
+        if text.endswith("\ufffd") or len(text) <= len(before):
             return ""
-        delta = text[self._sent :]
-        self._sent = len(text)
-        return delta
+        self._context, self._sent = self._sent, len(self._ids)
+        return text[len(before) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
 def _resolve_dtype(setting: str) -> torch.dtype:
