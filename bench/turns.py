@@ -14,13 +14,12 @@ import argparse
 import asyncio
 import statistics
 import tempfile
-import time
 
 import httpx
-from httpx_sse import aconnect_sse
 
 from app.assets import ensure_default_model
 from app.settings import Settings
+from bench.client import stream_reply
 from bench.report import print_table
 from tests.server import ChipiServer
 
@@ -40,17 +39,7 @@ QUESTIONS = [
 
 async def first_token_seconds(client: httpx.AsyncClient, session_id: str, prompt: str) -> float:
     """Send one turn and read its reply to the end; the time until its first token."""
-    started = time.perf_counter()
-    first: float | None = None
-    async with aconnect_sse(client, "GET", f"/api/conversations/{session_id}/stream", params={"prompt": prompt}) as s:
-        async for event in s.aiter_sse():
-            if event.event == "message" and first is None:
-                first = time.perf_counter() - started
-            elif event.event == "done":
-                break
-    if first is None:
-        raise RuntimeError("the reply had no token")
-    return first
+    return (await stream_reply(client, session_id, prompt)).first_token_seconds
 
 
 async def play(servers: dict[str, ChipiServer], turns: int) -> dict[str, list[float]]:

