@@ -38,9 +38,9 @@ test: $(VENV)/.installed-dev browser
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app
 
-## bench: streaming speed through the API next to in-process generation, and start-up time
+## bench: one table of Chipi's performance on this machine (bench/suite.py; PostgreSQL must be running)
 bench: $(VENV)/.installed-dev
-	$(BIN)/python -m bench.stream_speed
+	$(BIN)/python -m bench.suite
 
 clean:
 	rm -rf $(VENV) database

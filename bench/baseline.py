@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -10,7 +11,18 @@ from app.services.model import ModelService, Prompt
 
 
 def plain_generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:
-    """Tokens generated and seconds taken by `model.generate` alone (no streaming, no batching)."""
+    """Tokens generated and seconds taken by `model.generate` alone (no streaming, no batching).
+
+    It runs in a thread that ends with it: an OpenMP team left behind in this (long-lived) thread would slow down the
+    decode engine's thread measured next to it (see app/services/own_thread.py)."""
+    result: list[tuple[int, float]] = []
+    worker = threading.Thread(target=lambda: result.append(_generate(model, prompt, max_tokens)))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
+def _generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:
     input_ids = torch.tensor([prompt.token_ids], device=model.model.device)
     started = time.perf_counter()
     with torch.inference_mode():
