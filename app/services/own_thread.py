@@ -11,6 +11,7 @@ after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,8 +19,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def run_in_own_thread(work: Callable[..., T], *args: Any) -> T:
-    """`work(*args)` in a new thread; its result or exception. Cancelling the caller does not stop the work."""
+async def run_in_own_thread(work: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+    """`work(*args)` in a new thread; its result or exception.
+
+    A thread cannot be stopped: a cancelled caller waits until the work ends (so that a limiter held around this call
+    stays honest), unless `abandon_on_cancel`, where it leaves at once and the work runs on unobserved."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -33,11 +37,18 @@ async def run_in_own_thread(work: Callable[..., T], *args: Any) -> T:
 
     def run() -> None:
         try:
-            result = work(*args)
+            outcome: tuple[T | None, BaseException | None] = (work(*args), None)
         except BaseException as exc:  # handed to the caller
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=run, name=f"chipi-{getattr(work, '__name__', 'work')}", daemon=True).start()
-    return await done
+    if abandon_on_cancel:
+        return await done
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await done  # the work's own outcome no longer matters; its end does
+        raise

@@ -83,7 +83,7 @@ class Readiness:
                 self._model = await RemoteModelService.connect(self._settings)
             else:
                 # Threads of their own (see app/services/own_thread.py); cancelling abandons a load, it runs on.
-                self._model = await run_in_own_thread(ModelService.load, self._settings)
+                self._model = await run_in_own_thread(ModelService.load, self._settings, abandon_on_cancel=True)
             chat = ChatService(self._model, self._db_config, self._settings)
             chat.start()
             self.chat.value = chat
@@ -92,7 +92,7 @@ class Readiness:
             self.chat.error = str(exc) or type(exc).__name__
             logger.exception("the model failed to load")
         try:
-            self.speech.value = await run_in_own_thread(SpeechService.load, self._settings)
+            self.speech.value = await run_in_own_thread(SpeechService.load, self._settings, abandon_on_cancel=True)
         except Exception as exc:
             self.speech.error = str(exc) or type(exc).__name__
             logger.exception("the speech models failed to load")
