@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 
 import httpx
-from httpx_sse import aconnect_sse
 
 from app.assets import ensure_default_model
 from app.settings import Settings
+from bench.client import stream_reply
 from tests.server import ChipiServer
 
 PROMPTS = [
@@ -44,16 +43,8 @@ class StreamRun:
 
 async def one_stream(client: httpx.AsyncClient, prompt: str) -> StreamRun:
     session_id = (await client.post("/api/conversations/new")).json()["session_id"]
-    started = time.perf_counter()
-    first_token = None
-    async with aconnect_sse(client, "GET", f"/api/conversations/{session_id}/stream", params={"prompt": prompt}) as s:
-        async for event in s.aiter_sse():
-            if event.event == "message" and first_token is None:
-                first_token = time.perf_counter() - started
-            elif event.event == "done":
-                tokens = json.loads(event.data)["usage"]["completion_tokens"]
-                return StreamRun(tokens, first_token or 0.0)
-    raise RuntimeError("the stream ended without a done event")
+    reply = await stream_reply(client, session_id, prompt)
+    return StreamRun(reply.tokens, reply.first_token_seconds)
 
 
 async def level(base_url: str, streams: int) -> tuple[float, list[StreamRun]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -20,12 +19,12 @@ from pathlib import Path
 
 import httpx
 import torch
-from httpx_sse import aconnect_sse
 
 from app.assets import convert_default_model, ensure_default_model
 from app.services.model import ChatTurn, ModelService
 from app.settings import Settings
 from bench.baseline import plain_generate
+from bench.client import stream_reply
 from bench.report import print_table
 from tests.server import ChipiServer
 
@@ -46,18 +45,8 @@ class Run:
 async def stream_once(base_url: str) -> Run:
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         session_id = (await client.post("/api/conversations/new")).json()["session_id"]
-        started = time.perf_counter()
-        first_token: float | None = None
-        async with aconnect_sse(
-            client, "GET", f"/api/conversations/{session_id}/stream", params={"prompt": PROMPT}
-        ) as source:
-            async for event in source.aiter_sse():
-                if event.event == "message" and first_token is None:
-                    first_token = time.perf_counter() - started
-                elif event.event == "done":
-                    usage = json.loads(event.data)["usage"]
-                    return Run(usage["completion_tokens"], time.perf_counter() - started, first_token)
-    raise RuntimeError("the stream ended without a done event")
+        reply = await stream_reply(client, session_id, PROMPT)
+    return Run(reply.tokens, reply.seconds, reply.first_token_seconds)
 
 
 def generate_once(model: ModelService, max_tokens: int) -> Run:
