@@ -7,16 +7,19 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
+from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from sqlalchemy.exc import InterfaceError, OperationalError
 
+from app.db import database_unavailable
 from app.domain.errors import BusyError, ChipiError
 from app.domain.openai import OpenAIError, OpenAIErrorBody
 from app.domain.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 _CODES = {
     400: "invalid_input",
@@ -68,9 +71,16 @@ def describe_error(exc: Exception) -> ErrorInfo:
         return ErrorInfo(exc.status_code, str(exc.detail), code, None, dict(exc.headers or {}))
     if isinstance(exc, RepositoryNotFoundError):
         return ErrorInfo(404, "not found", _CODES[404])
-    if isinstance(exc, OperationalError | InterfaceError):
-        logger.error("database unavailable: %s", exc)
-        return ErrorInfo(503, "the database is unavailable; try again shortly", "database_unavailable")
+    if database_unavailable(exc):
+        logger.error("database unavailable: %s", str(exc.__cause__ or exc).partition("\n")[0])
+        return ErrorInfo(
+            503,
+            "the database is unavailable; try again shortly",
+            "database_unavailable",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(exc, RepositoryIntegrityError):  # a row that clashes with another (as advanced-alchemy maps it)
+        return ErrorInfo(409, "the change conflicts with stored data", _CODES[409])
     logger.exception("unhandled error", exc_info=exc)
     return ErrorInfo(500, "internal server error", "internal_error")
 
