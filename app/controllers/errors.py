@@ -10,7 +10,7 @@ from typing import Any
 from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 
 from app.db import database_unavailable
 from app.domain.errors import BusyError, ChipiError
@@ -20,6 +20,10 @@ from app.domain.schemas import ErrorBody
 logger = logging.getLogger(__name__)
 
 DATABASE_RETRY_AFTER_SECONDS = 5
+# Litestar's Request.stream raises InternalServerException with this message when the client hangs up before its
+# body is complete (a cut upload): nobody is left to answer, and it is no server error. Logged as nginx's 499.
+_CLIENT_GONE_DETAIL = "client disconnected prematurely"
+CLIENT_CLOSED_REQUEST = 499
 
 _CODES = {
     400: "invalid_input",
@@ -66,6 +70,8 @@ def describe_error(exc: Exception) -> ErrorInfo:
     if isinstance(exc, ValidationException):
         detail, field = _invalid_field(exc)
         return ErrorInfo(400, detail, _CODES[400], field)
+    if isinstance(exc, InternalServerException) and exc.detail == _CLIENT_GONE_DETAIL:
+        return ErrorInfo(CLIENT_CLOSED_REQUEST, "the client closed the connection mid-request", "client_closed_request")
     if isinstance(exc, HTTPException):
         code = _CODES.get(exc.status_code, "error")
         return ErrorInfo(exc.status_code, str(exc.detail), code, None, dict(exc.headers or {}))
