@@ -87,6 +87,7 @@ class Settings:
     stale_stream_seconds: float
     database_connect_timeout_seconds: float
     database_retry_seconds: float
+    shutdown_grace_seconds: float
     whisper_model: str
     voice: str
     max_audio_bytes: int
@@ -137,6 +138,7 @@ class Settings:
             stale_stream_seconds=_env_float("CHIPI_STALE_STREAM_SECONDS", 30.0, minimum=1.0),
             database_connect_timeout_seconds=_env_float("CHIPI_DATABASE_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=1.0),
             database_retry_seconds=_env_float("CHIPI_DATABASE_RETRY_SECONDS", 30.0),
+            shutdown_grace_seconds=_env_float("CHIPI_SHUTDOWN_GRACE_SECONDS", 10.0),
             whisper_model=_env("CHIPI_WHISPER_MODEL", DEFAULT_WHISPER_MODEL),
             voice=_env("CHIPI_VOICE", DEFAULT_VOICE),
             max_audio_bytes=_env_int("CHIPI_MAX_AUDIO_BYTES", 25 * 1024 * 1024, minimum=1),

@@ -22,7 +22,7 @@ from uuid import UUID, uuid4
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 
 from app.db import database_unavailable
-from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError
+from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError, ShuttingDownError
 from app.domain.models import Conversation, Message, MessageStatus, Role
 from app.domain.reasoning import Piece, ReasoningSplitter
 from app.domain.rules import clean_prompt
@@ -37,6 +37,9 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+STOP_WAIT_SECONDS = 5.0  # a stopped reply ends after one token; this bounds a last write to a database that hangs
+SHUTDOWN_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ class ChatService:
         self._settings = settings
         self._running: dict[UUID, Generation | None] = {}  # None: reserved while the reply is being set up
         self._recent: dict[UUID, Generation] = {}  # finished replies, kept for clients that reconnect late
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Generation] = {}  # every reply being generated, stored or not
+        self._draining = False
         self._slots = asyncio.Semaphore(settings.max_concurrent_generations)
         self._sweeper: asyncio.Task[None] | None = None
         self._waiting = 0
@@ -227,6 +231,8 @@ class ChatService:
     async def _take_slot(self) -> None:
         """Wait for one of the capped generation slots, in a bounded queue for a bounded time."""
         retry_after = max(1, math.ceil(self._settings.queue_timeout_seconds))
+        if self._draining:
+            raise ShuttingDownError(retry_after_seconds=SHUTDOWN_RETRY_AFTER_SECONDS)
         if not self._slots.locked():
             await self._slots.acquire()
             return
@@ -303,8 +309,8 @@ class ChatService:
         self, generation: Generation, prompt: Prompt, params: GenerationParams, options: ReplyOptions
     ) -> Generation:
         task = asyncio.create_task(self._generate(generation, prompt, params, options.stop))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = generation
+        task.add_done_callback(self._forget_task)
         return generation
 
     def _prompt_for(self, turn: PlannedTurn, params: GenerationParams, options: ReplyOptions) -> Prompt:
@@ -561,14 +567,33 @@ class ChatService:
                     logger.exception("sweeping interrupted replies failed")
             await asyncio.sleep(stale_seconds / 2)
 
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def drain(self, grace_seconds: float) -> None:
+        """A graceful stop: refuse new replies, give the running ones up to `grace_seconds` to finish, then stop
+        the rest; each is stored (complete, or cancelled with its text so far) and its clients get its last event."""
+        self._draining = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        await self._stop_all()
+
+    async def _stop_all(self) -> None:
+        """Stop every running reply after the token it is computing and wait until each is stored; a reply whose
+        last write still waits for the database after STOP_WAIT_SECONDS is abandoned (the stale sweep marks it)."""
+        for generation in self._tasks.values():
+            generation.cancel()
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=STOP_WAIT_SECONDS)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+
     async def shutdown(self) -> None:
         """Stop every running reply and wait until each is stored as cancelled."""
+        self._draining = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._titles is not None:
             await self._titles.aclose()
-        for generation in self._running.values():
-            if generation is not None:
-                generation.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_all()
