@@ -64,8 +64,13 @@ class PostgresCluster:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _pg(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(
-            [*self._run_as, *args], check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        subprocess.run(  # in a folder the postgres user may enter
+            [*self._run_as, *args],
+            check=True,
+            timeout=timeout,
+            cwd=self.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
     def init(self) -> None:

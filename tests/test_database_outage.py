@@ -166,3 +166,34 @@ async def test_postgres_stopped_mid_stream(cluster: PostgresCluster, tmp_path: P
     assert all(status != "streaming" for rows in by_conversation.values() for _, _, status in rows)
     lines = log_text(log).splitlines()
     assert not [line for line in lines if "Traceback" in line or re.search(r'" 5(?!03)\d\d ', line)]
+
+
+async def test_a_reply_that_cannot_be_stored_is_marked_once_the_database_is_back(
+    cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """With no retry window, a reply that ends while the database is down cannot be written: its client gets an
+    `error` event, and once the database is back the stale-stream sweep marks it `error` (never `streaming`)."""
+    settings = {"CHIPI_DATABASE_RETRY_SECONDS": "0", "CHIPI_STALE_STREAM_SECONDS": "1"}
+    with (tmp_path / "server.log").open("wb") as sink, ChipiServer(cluster.url, stderr=sink, **settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            session_id = (await new_conversation(client))["session_id"]
+            async with connect_socket(client, session_id) as socket:
+                await socket.send(json.dumps({"type": "message", "content": LONG_PROMPT}))
+                assert (await next_frame(socket))["type"] == "user_message"
+                streamed = (await next_frame(socket))["text"]
+                cluster.stop()
+                frames = await frames_until_done(socket)
+            cluster.start()
+            deadline = time.monotonic() + 60
+            while True:  # the first requests may still find the database starting
+                response = await client.get(f"/api/conversations/{session_id}")
+                if response.status_code == 200 and response.json()["messages"][-1]["status"] != "streaming":
+                    break
+                assert time.monotonic() < deadline, response.text
+                await asyncio.sleep(0.2)
+    assert frames[-1] == {"type": "error", "code": "database_unavailable", "detail": frames[-1]["detail"]}
+    streamed += "".join(frame["text"] for frame in frames if frame["type"] == "token")
+    user, reply = response.json()["messages"]
+    assert user["role"] == "user" and user["content"] == LONG_PROMPT
+    assert reply["status"] == "error" and reply["finish_reason"] == "interrupted"
+    assert streamed.startswith(reply["content"])  # what was written before the outage
