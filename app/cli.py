@@ -12,22 +12,15 @@ from app.settings import get_settings
 
 
 def _serve(_: argparse.Namespace) -> None:
-    import uvicorn
-
     from app.assets import ensure_default_assets
+    from app.factory import create_app
+    from app.serving import serve
 
     settings = get_settings()
     ensure_default_assets(settings)
     # An `audio` WebSocket frame carries a recording in base64 (4/3 of its size): let the largest allowed one in.
     ws_max_size = max(16 * 1024 * 1024, settings.max_audio_bytes * 4 // 3 + 64 * 1024)
-    uvicorn.run(
-        "app.asgi:app",
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ws_max_size=ws_max_size,
-        access_log=False,  # Chipi writes its own access log (app/observability.py)
-    )
+    serve(create_app(settings), settings, ws_max_size=ws_max_size)
 
 
 def _fetch_models(_: argparse.Namespace) -> None:

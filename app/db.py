@@ -10,12 +10,30 @@ from advanced_alchemy.alembic.commands import AlembicCommands
 from advanced_alchemy.extensions.litestar import AlembicAsyncConfig, AsyncSessionConfig, SQLAlchemyAsyncConfig
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from app.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+# What SQLAlchemy raises when the database cannot be reached or stops answering (a pool timeout included).
+_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc`, or an error it was raised from, says the database is unreachable rather than the request
+    wrong (advanced-alchemy re-raises SQLAlchemy's errors as its own, so the chain is followed)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _UNAVAILABLE) or (isinstance(current, DBAPIError) and current.connection_invalidated):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -39,14 +57,19 @@ def create_db_config(settings: Settings, *, pooled: bool = True) -> SQLAlchemyAs
     if is_sqlite:
         _prepare_sqlite_folder(url)
     engine_options: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
-    if not is_sqlite and pooled:
-        engine_options.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+    if not is_sqlite:
+        # libpq waits forever for a connection by default; a database that is down must fail requests fast.
+        engine_options["connect_args"] = {"connect_timeout": max(1, round(settings.database_connect_timeout_seconds))}
+        if pooled:
+            # pre-ping: connections the database dropped (a restart) are replaced instead of failing a request
+            engine_options.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
     engine = create_async_engine(url, **engine_options)
     if is_sqlite:
         event.listen(engine.sync_engine, "connect", _enable_sqlite_pragmas)
     return SQLAlchemyAsyncConfig(
         engine_instance=engine,
         session_config=AsyncSessionConfig(expire_on_commit=False),
+        set_default_exception_handler=False,  # every error goes through app/controllers/errors.py
         alembic_config=AlembicAsyncConfig(script_location=str(MIGRATIONS_DIR), version_table_name="alembic_version"),
         create_all=False,
     )

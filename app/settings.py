@@ -85,6 +85,9 @@ class Settings:
     remote_model: str
     remote_timeout_seconds: float
     stale_stream_seconds: float
+    database_connect_timeout_seconds: float
+    database_retry_seconds: float
+    shutdown_grace_seconds: float
     whisper_model: str
     voice: str
     max_audio_bytes: int
@@ -133,6 +136,9 @@ class Settings:
             remote_model=os.environ.get("CHIPI_REMOTE_MODEL", "").strip(),
             remote_timeout_seconds=_env_float("CHIPI_REMOTE_TIMEOUT_SECONDS", 300.0, minimum=1.0),
             stale_stream_seconds=_env_float("CHIPI_STALE_STREAM_SECONDS", 30.0, minimum=1.0),
+            database_connect_timeout_seconds=_env_float("CHIPI_DATABASE_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=1.0),
+            database_retry_seconds=_env_float("CHIPI_DATABASE_RETRY_SECONDS", 30.0),
+            shutdown_grace_seconds=_env_float("CHIPI_SHUTDOWN_GRACE_SECONDS", 10.0),
             whisper_model=_env("CHIPI_WHISPER_MODEL", DEFAULT_WHISPER_MODEL),
             voice=_env("CHIPI_VOICE", DEFAULT_VOICE),
             max_audio_bytes=_env_int("CHIPI_MAX_AUDIO_BYTES", 25 * 1024 * 1024, minimum=1),

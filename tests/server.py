@@ -45,6 +45,7 @@ class ChipiServer:
             "CHIPI_MAX_PROMPT_CHARS": str(TEST_MAX_PROMPT_CHARS),
             "CHIPI_CONTEXT_WINDOW": str(TEST_CONTEXT_WINDOW),
             "CHIPI_DISCONNECT_GRACE_SECONDS": str(TEST_GRACE_SECONDS),
+            "CHIPI_SHUTDOWN_GRACE_SECONDS": "2",  # a server stopped with replies running does not hold the tests up
             "CHIPI_WS_HEARTBEAT_SECONDS": "1",
             "CHIPI_MAX_AUDIO_BYTES": str(TEST_MAX_AUDIO_BYTES),
             "CHIPI_MAX_AUDIO_SECONDS": str(TEST_MAX_AUDIO_SECONDS),

@@ -7,16 +7,23 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
+from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
-from sqlalchemy.exc import InterfaceError, OperationalError
+from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 
+from app.db import database_unavailable
 from app.domain.errors import BusyError, ChipiError
 from app.domain.openai import OpenAIError, OpenAIErrorBody
 from app.domain.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER_SECONDS = 5
+# Litestar's Request.stream raises InternalServerException with this message when the client hangs up before its
+# body is complete (a cut upload): nobody is left to answer, and it is no server error. Logged as nginx's 499.
+_CLIENT_GONE_DETAIL = "client disconnected prematurely"
+CLIENT_CLOSED_REQUEST = 499
 
 _CODES = {
     400: "invalid_input",
@@ -63,14 +70,23 @@ def describe_error(exc: Exception) -> ErrorInfo:
     if isinstance(exc, ValidationException):
         detail, field = _invalid_field(exc)
         return ErrorInfo(400, detail, _CODES[400], field)
+    if isinstance(exc, InternalServerException) and exc.detail == _CLIENT_GONE_DETAIL:
+        return ErrorInfo(CLIENT_CLOSED_REQUEST, "the client closed the connection mid-request", "client_closed_request")
     if isinstance(exc, HTTPException):
         code = _CODES.get(exc.status_code, "error")
         return ErrorInfo(exc.status_code, str(exc.detail), code, None, dict(exc.headers or {}))
     if isinstance(exc, RepositoryNotFoundError):
         return ErrorInfo(404, "not found", _CODES[404])
-    if isinstance(exc, OperationalError | InterfaceError):
-        logger.error("database unavailable: %s", exc)
-        return ErrorInfo(503, "the database is unavailable; try again shortly", "database_unavailable")
+    if database_unavailable(exc):
+        logger.error("database unavailable: %s", str(exc.__cause__ or exc).partition("\n")[0])
+        return ErrorInfo(
+            503,
+            "the database is unavailable; try again shortly",
+            "database_unavailable",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(exc, RepositoryIntegrityError):  # a row that clashes with another (as advanced-alchemy maps it)
+        return ErrorInfo(409, "the change conflicts with stored data", _CODES[409])
     logger.exception("unhandled error", exc_info=exc)
     return ErrorInfo(500, "internal server error", "internal_error")
 

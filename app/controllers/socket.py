@@ -13,6 +13,8 @@ from litestar.di import Provide
 from litestar.exceptions import WebSocketDisconnect
 
 from app.controllers.conversations import parse_session_id
+from app.controllers.errors import describe_error
+from app.db import database_unavailable
 from app.domain.errors import ChipiError
 from app.domain.frames import (
     AudioDoneFrame,
@@ -41,6 +43,12 @@ from app.settings import Settings
 
 _decode_frame = msgspec.json.Decoder(ClientFrame).decode
 _encode_frame = msgspec.json.Encoder().encode
+
+
+def _error_frame(exc: Exception) -> ErrorFrame:
+    """An error as a frame, through the one error mapper."""
+    info = describe_error(exc)
+    return ErrorFrame(code=info.code, detail=info.detail)
 
 
 class ChatSocket:
@@ -86,8 +94,10 @@ class ChatSocket:
             return
         try:
             await self._dispatch(frame)
-        except ChipiError as exc:
-            await self.send(ErrorFrame(code=exc.code, detail=exc.detail))
+        except Exception as exc:
+            if not isinstance(exc, ChipiError) and not database_unavailable(exc):
+                raise  # e.g. the client is gone
+            await self.send(_error_frame(exc))  # mapped as for HTTP; the socket stays usable
 
     async def _dispatch(self, frame: ClientFrame) -> None:
         if isinstance(frame, MessageFrame):
@@ -197,8 +207,11 @@ async def chat_socket(
     await socket.accept()
     try:
         await chat.check_conversation(conversation_id)
-    except ChipiError as exc:
-        await socket.send_text(_encode_frame(ErrorFrame(code=exc.code, detail=exc.detail)).decode())
-        await socket.close(code=4404, reason="conversation not found")
+    except Exception as exc:
+        info = describe_error(exc)
+        await socket.send_text(_encode_frame(ErrorFrame(code=info.code, detail=info.detail)).decode())
+        # 4404: no such conversation; 1013 (try again later): e.g. the database is down
+        close_code = {404: 4404, 503: 1013}.get(info.status_code, 1011)
+        await socket.close(code=close_code, reason="conversation not found" if close_code == 4404 else info.code)
         return
     await ChatSocket(socket, chat, voice_chat, conversation_id, settings.ws_heartbeat_seconds).serve()

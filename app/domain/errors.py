@@ -59,3 +59,13 @@ class NotReadyError(BusyError):
 
     def __init__(self, detail: str, retry_after_seconds: int) -> None:
         super().__init__(detail, 503, retry_after_seconds)
+
+
+class ShuttingDownError(BusyError):
+    """The server is stopping and starts no new replies: 503 with Retry-After (a restarted or another instance
+    will answer)."""
+
+    code = "shutting_down"
+
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__("the server is shutting down; try again shortly", 503, retry_after_seconds)

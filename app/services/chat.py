@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 from uuid import UUID, uuid4
 
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 
-from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError
+from app.db import database_unavailable
+from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError, ShuttingDownError
 from app.domain.models import Conversation, Message, MessageStatus, Role
 from app.domain.reasoning import Piece, ReasoningSplitter
 from app.domain.rules import clean_prompt
@@ -34,6 +35,11 @@ from app.services.titles import TitleService
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STOP_WAIT_SECONDS = 5.0  # a stopped reply ends after one token; this bounds a last write to a database that hangs
+SHUTDOWN_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,8 @@ class ChatService:
         self._settings = settings
         self._running: dict[UUID, Generation | None] = {}  # None: reserved while the reply is being set up
         self._recent: dict[UUID, Generation] = {}  # finished replies, kept for clients that reconnect late
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Generation] = {}  # every reply being generated, stored or not
+        self._draining = False
         self._slots = asyncio.Semaphore(settings.max_concurrent_generations)
         self._sweeper: asyncio.Task[None] | None = None
         self._waiting = 0
@@ -224,6 +231,8 @@ class ChatService:
     async def _take_slot(self) -> None:
         """Wait for one of the capped generation slots, in a bounded queue for a bounded time."""
         retry_after = max(1, math.ceil(self._settings.queue_timeout_seconds))
+        if self._draining:
+            raise ShuttingDownError(retry_after_seconds=SHUTDOWN_RETRY_AFTER_SECONDS)
         if not self._slots.locked():
             await self._slots.acquire()
             return
@@ -300,8 +309,8 @@ class ChatService:
         self, generation: Generation, prompt: Prompt, params: GenerationParams, options: ReplyOptions
     ) -> Generation:
         task = asyncio.create_task(self._generate(generation, prompt, params, options.stop))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = generation
+        task.add_done_callback(self._forget_task)
         return generation
 
     def _prompt_for(self, turn: PlannedTurn, params: GenerationParams, options: ReplyOptions) -> Prompt:
@@ -379,6 +388,8 @@ class ChatService:
         stops = StopSequences(stop)
         content: list[str] = []
         reasoning: list[str] = []
+        write_failing = False  # the last write of the text so far did not reach the database
+        ended: tuple[MessageStatus, GenerationFinished] | None = None  # how the model's part ended
 
         def take(pieces: list[Piece]) -> None:
             for piece in pieces:
@@ -393,14 +404,31 @@ class ChatService:
                     reasoning.append(piece.text)
                 generation.publish(piece)
 
-        async def save(status: MessageStatus, finished: GenerationFinished | None = None, reason: str = "") -> None:
+        async def save(
+            status: MessageStatus, finished: GenerationFinished | None = None, reason: str = "", *, retry: bool = True
+        ) -> None:
+            nonlocal write_failing
             if generation.reply is None:
                 return  # a stateless completion: nothing is stored
             text, thoughts = "".join(content), "".join(reasoning) or None
             if status == MessageStatus.STREAMING:
-                stored = await self._save_partial(generation, text, thoughts)
+                try:
+                    stored = await self._save_partial(generation, text, thoughts)
+                except Exception as exc:
+                    if not database_unavailable(exc):
+                        raise
+                    # The text stays in memory and the model goes on; the next write (or the last) catches up.
+                    if not write_failing:
+                        logger.warning("database unavailable; the reply so far is kept in memory: %s", exc)
+                    write_failing = True
+                    return
+                write_failing = False
             else:
-                stored = await self._save(generation, text, thoughts, status, finished, reason) is not None
+
+                def write() -> Awaitable[Message | None]:
+                    return self._save(generation, text, thoughts, status, finished, reason)
+
+                stored = await (self._retry_while_unavailable(write) if retry else write()) is not None
             if not stored:  # the conversation was deleted under the reply
                 generation.cancel()
 
@@ -424,21 +452,32 @@ class ChatService:
             if stops.hit:
                 finished = GenerationFinished("stop", finished.prompt_tokens, finished.completion_tokens)
             cancelled = finished.finish_reason == "cancelled"
-            await save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE, finished)
+            ended = (MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE), finished
+            await save(*ended)
             usage = Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
             generation.publish(ReplyFinished(usage=usage, finish_reason=finished.finish_reason))
             if not cancelled:
                 self._propose_title(generation)
         except asyncio.CancelledError:  # the server is shutting down
             generation.cancel()
-            await save(MessageStatus.CANCELLED, reason="cancelled")
+            with contextlib.suppress(Exception):  # one try: a reply left `streaming` is swept up at the next start
+                if ended is not None:  # the model had finished; its last write was waiting for the database
+                    await save(*ended, retry=False)
+                else:
+                    await save(MessageStatus.CANCELLED, reason="cancelled", retry=False)
             generation.publish(ReplyFailed(code="shutting_down", detail="the server stopped before the reply ended"))
             raise
-        except Exception:
-            logger.exception("generation failed in conversation %s", generation.conversation_id)
+        except Exception as exc:
             generation.cancel()
+            if database_unavailable(exc):
+                # Stays `streaming` with the text last written, until the stale-stream sweep marks it `error`.
+                logger.error("could not store the reply in conversation %s: %s", generation.conversation_id, exc)
+                detail = "the database is unavailable; the reply was not stored"
+                generation.publish(ReplyFailed(code="database_unavailable", detail=detail))
+                return
+            logger.exception("generation failed in conversation %s", generation.conversation_id)
             with contextlib.suppress(Exception):
-                await save(MessageStatus.ERROR, reason="error")
+                await save(MessageStatus.ERROR, reason="error", retry=False)
             generation.publish(ReplyFailed(code="generation_failed", detail="the model failed to generate a reply"))
         finally:
             self._slots.release()
@@ -463,6 +502,21 @@ class ChatService:
                 del self._recent[conversation_id]
 
         asyncio.get_running_loop().call_later(self._settings.disconnect_grace_seconds, forget)
+
+    async def _retry_while_unavailable(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Run a write; while the database is unreachable, try again (the reply waits in memory) for up to
+        CHIPI_DATABASE_RETRY_SECONDS, then give up with the last error."""
+        deadline = time.monotonic() + self._settings.database_retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                if not database_unavailable(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("database unavailable, retrying a reply's final write in %.1fs: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _save_partial(self, generation: Generation, content: str, reasoning: str | None) -> bool:
         """Write the text so far of a reply still streaming, in a short session of its own."""
@@ -506,18 +560,40 @@ class ChatService:
                 async with ConversationService.new(config=self._db_config) as conversations:
                     if count := await conversations.finish_interrupted_replies(stale_seconds):
                         logger.warning("marked %d reply(ies) left streaming by a stopped process as error", count)
-            except Exception:  # the database may be down for a while; try again next round
-                logger.exception("sweeping interrupted replies failed")
+            except Exception as exc:  # the database may be down for a while; try again next round
+                if database_unavailable(exc):
+                    logger.warning("sweeping interrupted replies failed (database unavailable): %s", exc)
+                else:
+                    logger.exception("sweeping interrupted replies failed")
             await asyncio.sleep(stale_seconds / 2)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def drain(self, grace_seconds: float) -> None:
+        """A graceful stop: refuse new replies, give the running ones up to `grace_seconds` to finish, then stop
+        the rest; each is stored (complete, or cancelled with its text so far) and its clients get its last event."""
+        self._draining = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        await self._stop_all()
+
+    async def _stop_all(self) -> None:
+        """Stop every running reply after the token it is computing and wait until each is stored; a reply whose
+        last write still waits for the database after STOP_WAIT_SECONDS is abandoned (the stale sweep marks it)."""
+        for generation in self._tasks.values():
+            generation.cancel()
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=STOP_WAIT_SECONDS)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
 
     async def shutdown(self) -> None:
         """Stop every running reply and wait until each is stored as cancelled."""
+        self._draining = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._titles is not None:
             await self._titles.aclose()
-        for generation in self._running.values():
-            if generation is not None:
-                generation.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_all()

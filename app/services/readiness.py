@@ -140,6 +140,12 @@ class Readiness:
             return self._settings.remote_model or self._settings.remote_base_url
         return self._settings.model
 
+    async def drain(self, grace_seconds: float) -> None:
+        """Before the server closes its connections: running replies get up to `grace_seconds` to finish, then are
+        stopped and stored, so their streams end with a last event instead of being cut."""
+        if self.chat.value is not None:
+            await self.chat.value.drain(grace_seconds)
+
     async def shutdown(self) -> None:
         """Stop loading, stop every running reply (each is stored as cancelled) and release the model."""
         if self._loader is not None and not self._loader.done():
