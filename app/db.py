@@ -49,6 +49,7 @@ def create_db_config(settings: Settings, *, pooled: bool = True) -> SQLAlchemyAs
         session_config=AsyncSessionConfig(expire_on_commit=False),
         alembic_config=AlembicAsyncConfig(script_location=str(MIGRATIONS_DIR), version_table_name="alembic_version"),
         create_all=False,
+        set_default_exception_handler=False,  # repository errors go through Chipi's one mapper too
     )
 
 

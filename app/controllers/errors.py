@@ -8,9 +8,11 @@ from dataclasses import field as dataclass_field
 from typing import Any
 
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
+from advanced_alchemy.exceptions import RepositoryError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from app.domain.errors import BusyError, ChipiError
 from app.domain.openai import OpenAIError, OpenAIErrorBody
@@ -68,6 +70,12 @@ def describe_error(exc: Exception) -> ErrorInfo:
         return ErrorInfo(exc.status_code, str(exc.detail), code, None, dict(exc.headers or {}))
     if isinstance(exc, RepositoryNotFoundError):
         return ErrorInfo(404, "not found", _CODES[404])
+    if isinstance(exc, RepositoryError) and isinstance(exc.__cause__, SQLAlchemyError):
+        # advanced-alchemy's repositories wrap every driver error, a database that is down included, in an
+        # IntegrityError or RepositoryError: what happened is the error it wraps.
+        exc = exc.__cause__
+    if isinstance(exc, SQLAlchemyIntegrityError):  # e.g. a row another request wrote meanwhile
+        return ErrorInfo(409, "the request conflicts with a change made meanwhile", _CODES[409])
     if isinstance(exc, OperationalError | InterfaceError):
         logger.error("database unavailable: %s", exc)
         return ErrorInfo(503, "the database is unavailable; try again shortly", "database_unavailable")
