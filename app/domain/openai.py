@@ -7,8 +7,8 @@ from uuid import UUID
 
 import msgspec
 
-# What a sampling seed can be: torch takes any 64-bit integer, signed or not.
-Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**64 - 1)]
+# What a sampling seed can be: a 64-bit integer (torch takes those; msgspec checks bounds up to int64).
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class OpenAIError(msgspec.Struct):
