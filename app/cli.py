@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from app.assets import InstalledAsset, PullError
-from app.settings import get_settings
+from app.settings import SettingsError, get_settings
 
 
 def _serve(_: argparse.Namespace) -> None:
@@ -151,9 +151,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=get_settings().log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        logging.basicConfig(level=get_settings().log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
         args.run(args)
-    except PullError as exc:
+    except (PullError, SettingsError) as exc:
         print(f"chipi: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -6,10 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from advanced_alchemy.extensions.litestar import SQLAlchemyPlugin
 from advanced_alchemy.extensions.litestar.providers import create_service_provider
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -20,6 +21,7 @@ from app.controllers.audio import AudioController, VoiceChatController
 from app.controllers.conversations import ConversationController
 from app.controllers.errors import exception_handlers
 from app.controllers.openai import OpenAIController
+from app.controllers.rate_limit import RateLimitMiddleware
 from app.controllers.socket import chat_socket
 from app.controllers.system import MetricsController, SystemController
 from app.db import create_db_config, upgrade_database
@@ -32,7 +34,6 @@ from app.settings import Settings, get_settings
 
 logger = logging.getLogger("app")
 
-DEFAULT_MAX_BODY_BYTES = 10_000_000  # Litestar's default
 FORM_OVERHEAD_BYTES = 64 * 1024
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -91,14 +92,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await db_config.get_engine().dispose()
 
     configure_access_log(settings.log_level)
+    middleware: list[Any] = [prometheus_config().middleware]
+    if settings.rate_limit:
+        middleware.append(RateLimitMiddleware(settings.rate_limit))
+    # Recordings arrive as multipart forms: room for the largest allowed file and the form around it.
+    audio_body_bytes = max(settings.max_body_bytes, settings.max_audio_bytes + FORM_OVERHEAD_BYTES)
     app = Litestar(
         route_handlers=[
             SystemController,
             MetricsController,
             ConversationController,
             OpenAIController,
-            AudioController,
-            VoiceChatController,
+            Router("/", route_handlers=[AudioController, VoiceChatController], request_max_body_size=audio_body_bytes),
             chat_socket,
             # The web chat page at `/` (plain files, no build step); routes above take precedence over its paths.
             create_static_files_router(path="/", directories=[STATIC_DIR], html_mode=True, name="web"),
@@ -112,11 +117,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "settings": Provide(_provide_settings, sync_to_thread=False),
             "readiness": Provide(_provide_readiness, sync_to_thread=False),
         },
-        middleware=[prometheus_config().middleware],
+        middleware=middleware,
         state=State({"settings": settings}),
         lifespan=[lifespan],
-        # Recordings arrive as multipart forms: room for the largest allowed file and the form around it.
-        request_max_body_size=max(DEFAULT_MAX_BODY_BYTES, settings.max_audio_bytes + FORM_OVERHEAD_BYTES),
+        request_max_body_size=settings.max_body_bytes,  # larger is a 413
         exception_handlers=exception_handlers,
         openapi_config=OpenAPIConfig(
             title="Chipi",

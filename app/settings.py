@@ -9,6 +9,9 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
+from app.domain.names import is_plain_name
+from app.domain.rules import ConversationLimits
+
 DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///database/chipi.db"
 # Speech models are picked up by name from these folders: `models/whisper/NAME.pt`, `voices/NAME.onnx` (+ .json).
@@ -26,7 +29,7 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default).strip() or default
 
 
-def _env_int(name: str, default: int, minimum: int = 0) -> int:
+def _env_int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = _env(name, str(default))
     try:
         value = int(raw)
@@ -34,6 +37,8 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -55,6 +60,14 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _env_name(name: str, default: str) -> str:
+    """A model or voice name, looked up inside Chipi's folders: one plain path component, never a path."""
+    value = _env(name, default)
+    if not is_plain_name(value):
+        raise SettingsError(f"{name} must be a plain name (letters, digits, '.', '_', '-'), not a path: {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob Chipi has; the README documents each one with its default."""
@@ -72,6 +85,11 @@ class Settings:
     prefix_cache_mb: int
     max_prompt_chars: int
     max_title_chars: int
+    max_body_bytes: int
+    max_conversation_messages: int
+    max_conversation_chars: int
+    max_generation_seconds: float
+    rate_limit: int  # requests per minute per client (API key or address); 0: no limit
     auto_title: str  # model | first-message | off (off: the first-message rule, as the seed did)
     system_prompt: str
     stream_flush_seconds: float
@@ -102,6 +120,10 @@ class Settings:
         return self.auto_title == "model"
 
     @property
+    def conversation_limits(self) -> ConversationLimits:
+        return ConversationLimits(self.max_conversation_messages, self.max_conversation_chars)
+
+    @property
     def default_model_requested(self) -> bool:
         """True when the configured model is the offline default that Chipi converts itself."""
         return Path(self.model).resolve() == Path(DEFAULT_MODEL_DIR).resolve()
@@ -122,7 +144,13 @@ class Settings:
             context_window=_env_int("CHIPI_CONTEXT_WINDOW", 0),
             prefix_cache_mb=_env_int("CHIPI_PREFIX_CACHE_MB", 256),
             max_prompt_chars=_env_int("CHIPI_MAX_PROMPT_CHARS", 16_000, minimum=1),
-            max_title_chars=_env_int("CHIPI_MAX_TITLE_CHARS", 200, minimum=1),
+            # the database's title column holds 255 characters
+            max_title_chars=_env_int("CHIPI_MAX_TITLE_CHARS", 200, minimum=1, maximum=255),
+            max_body_bytes=_env_int("CHIPI_MAX_BODY_BYTES", 10_000_000, minimum=1024),
+            max_conversation_messages=_env_int("CHIPI_MAX_CONVERSATION_MESSAGES", 1000, minimum=2),
+            max_conversation_chars=_env_int("CHIPI_MAX_CONVERSATION_CHARS", 1_000_000, minimum=1),
+            max_generation_seconds=_env_float("CHIPI_MAX_GENERATION_SECONDS", 300.0),
+            rate_limit=_env_int("CHIPI_RATE_LIMIT", 0),
             auto_title=_env_choice("CHIPI_AUTO_TITLE", "model", ("model", "first-message", "off")),
             system_prompt=os.environ.get("CHIPI_SYSTEM_PROMPT", ""),
             stream_flush_seconds=_env_float("CHIPI_STREAM_FLUSH_SECONDS", 0.5),
@@ -139,8 +167,8 @@ class Settings:
             database_connect_timeout_seconds=_env_float("CHIPI_DATABASE_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=1.0),
             database_retry_seconds=_env_float("CHIPI_DATABASE_RETRY_SECONDS", 30.0),
             shutdown_grace_seconds=_env_float("CHIPI_SHUTDOWN_GRACE_SECONDS", 10.0),
-            whisper_model=_env("CHIPI_WHISPER_MODEL", DEFAULT_WHISPER_MODEL),
-            voice=_env("CHIPI_VOICE", DEFAULT_VOICE),
+            whisper_model=_env_name("CHIPI_WHISPER_MODEL", DEFAULT_WHISPER_MODEL),
+            voice=_env_name("CHIPI_VOICE", DEFAULT_VOICE),
             max_audio_bytes=_env_int("CHIPI_MAX_AUDIO_BYTES", 25 * 1024 * 1024, minimum=1),
             max_audio_seconds=_env_float("CHIPI_MAX_AUDIO_SECONDS", 600.0, minimum=1.0),
             max_speech_chars=_env_int("CHIPI_MAX_SPEECH_CHARS", 4096, minimum=1),

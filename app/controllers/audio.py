@@ -13,7 +13,8 @@ from litestar.enums import MediaType, RequestEncodingType
 from litestar.params import Body, Parameter
 from litestar.response import Stream
 
-from app.controllers.conversations import _error_responses, parse_session_id
+from app.controllers.conversations import parse_session_id
+from app.controllers.openapi import BINARY, TEXT, error_responses, success_content
 from app.domain.schemas import SpeechCreate, Transcription, VoiceExchange, VoiceList, message_out
 from app.services.chat import ReplyOptions
 from app.services.speech import SpeechService, TranscriptionRequest, VoiceChatService
@@ -57,7 +58,8 @@ class AudioController(Controller):
             "`text` gives the text alone as text/plain. Digital silence transcribes to an empty text."
         ),
         status_code=200,
-        responses=_error_responses(400, 404, 413),
+        responses=error_responses(400, 404, 413),
+        operation_class=success_content(("text/plain", TEXT), keep_inferred=True),
     )
     async def create_transcription(
         self, speech: SpeechService, data: Annotated[TranscriptionForm, Multipart]
@@ -81,13 +83,14 @@ class AudioController(Controller):
         ),
         status_code=200,
         response_description="A WAV stream (`wav`) or raw PCM (`pcm`)",
-        responses=_error_responses(400, 404, 413),
+        responses=error_responses(400, 404, 413),
+        operation_class=success_content(("audio/wav", BINARY), ("audio/pcm", BINARY)),
     )
     async def create_speech(self, speech: SpeechService, data: SpeechCreate) -> Stream:
         audio = await speech.open_speech(data.input, data.voice, data.speed, data.response_format)
         return Stream(audio.chunks, media_type=audio.media_type, headers={"X-Sample-Rate": str(audio.sample_rate)})
 
-    @get("/voices", operation_id="listVoices", summary="The installed Piper voices")
+    @get("/voices", operation_id="listVoices", summary="The installed Piper voices", responses=error_responses())
     async def list_voices(self, speech: SpeechService) -> VoiceList:
         return VoiceList(voices=speech.voices(), default=speech.default_voice)
 
@@ -106,7 +109,7 @@ class VoiceChatController(Controller):
             "spoken, as a base64 WAV file in `reply_audio`."
         ),
         status_code=200,
-        responses=_error_responses(400, 404, 409, 413, 429, 503),
+        responses=error_responses(400, 404, 409, 413),
     )
     async def send_voice_message(
         self,

@@ -17,8 +17,9 @@ from litestar.params import Parameter
 from litestar.response import Response, ServerSentEvent, ServerSentEventMessage, Stream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.controllers.openapi import CHAT_STREAM_EVENT, TEXT, error_responses, success_content
 from app.domain.errors import InvalidInputError
-from app.domain.rules import clean_title
+from app.domain.rules import clean_system_prompt, clean_title
 from app.domain.schemas import (
     BranchSwitch,
     ConversationCreate,
@@ -28,7 +29,6 @@ from app.domain.schemas import (
     ConversationImported,
     ConversationList,
     EditRequest,
-    ErrorBody,
     GenerationOptions,
     MessageCreate,
     MessageExchange,
@@ -66,10 +66,7 @@ def parse_message_id(message_id: Annotated[str, Parameter(description="A message
 
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _error_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    return {status: ResponseSpec(data_container=ErrorBody, description="Error") for status in statuses}
+MAX_OFFSET = 2**31 - 1  # the databases' OFFSET takes at most a 64-bit integer; no list is anywhere near this long
 
 
 def _given(from_body: Any, from_query: Any) -> Any:
@@ -110,13 +107,13 @@ class ConversationController(Controller):
         "/",
         operation_id="listConversations",
         summary="Conversations, most recently updated first",
-        responses=_error_responses(400),
+        responses=error_responses(400),
     )
     async def list_conversations(
         self,
         conversations: ConversationService,
         limit: Annotated[int, Parameter(ge=1, le=100, description="Page size")] = 20,
-        offset: Annotated[int, Parameter(ge=0, description="Conversations to skip")] = 0,
+        offset: Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="Conversations to skip")] = 0,
         q: Annotated[
             str | None,
             Parameter(
@@ -132,7 +129,7 @@ class ConversationController(Controller):
         "/new",
         operation_id="createConversation",
         summary="Start a conversation",
-        responses=_error_responses(400, 413),
+        responses=error_responses(400, 413),
     )
     async def create_conversation(
         self,
@@ -145,7 +142,7 @@ class ConversationController(Controller):
         given_title = _given(body.title, title)
         conversation = await conversations.start_conversation(
             title=clean_title(given_title, max_chars=settings.max_title_chars) if given_title else None,
-            system_prompt=body.system_prompt,
+            system_prompt=clean_system_prompt(body.system_prompt, max_chars=settings.max_prompt_chars),
             model=settings.model,
         )
         return conversation_out(conversation, ConversationCreated, message="Conversation created")
@@ -155,6 +152,7 @@ class ConversationController(Controller):
         operation_id="exportAllConversations",
         summary="Every conversation as NDJSON: one JSON export (as from a single export) per line, streamed",
         media_type="application/x-ndjson",
+        responses=error_responses(),
     )
     async def export_all(self, db_engine: AsyncEngine) -> Stream:
         return Stream(
@@ -167,12 +165,14 @@ class ConversationController(Controller):
         "/import",
         operation_id="importConversation",
         summary="Recreate a conversation from its JSON export, under new ids",
-        responses=_error_responses(400),
+        responses=error_responses(400, 413),
     )
     async def import_conversation(
         self, conversations: ConversationService, settings: Settings, data: ConversationExport
     ) -> ConversationImported:
-        conversation = await conversations.import_conversation(data, max_title_chars=settings.max_title_chars)
+        conversation = await conversations.import_conversation(
+            data, max_title_chars=settings.max_title_chars, limits=settings.conversation_limits
+        )
         return conversation_out(
             conversation, ConversationImported, message="Conversation imported", imported_messages=len(data.messages)
         )
@@ -186,8 +186,9 @@ class ConversationController(Controller):
                 data_container=ConversationExport,
                 description="format=json: the export; format=markdown: a text/markdown document",
             ),
-            **_error_responses(400, 404),
+            **error_responses(400, 404),
         },
+        operation_class=success_content(("text/markdown", TEXT), keep_inferred=True),
     )
     async def export_conversation(
         self,
@@ -203,7 +204,7 @@ class ConversationController(Controller):
         "/{session_id:str}",
         operation_id="getConversation",
         summary="A conversation and its messages, oldest first",
-        responses=_error_responses(400, 404),
+        responses=error_responses(400, 404),
     )
     async def get_conversation(
         self,
@@ -219,7 +220,7 @@ class ConversationController(Controller):
         operation_id="deleteConversation",
         summary="Delete a conversation and its messages",
         status_code=200,
-        responses=_error_responses(400, 404),
+        responses=error_responses(400, 404),
     )
     async def delete_conversation(
         self, conversations: ConversationService, conversation_id: UUID
@@ -231,7 +232,7 @@ class ConversationController(Controller):
         "/{session_id:str}/title",
         operation_id="renameConversation",
         summary="Set a conversation's title; a manual title is never replaced automatically",
-        responses=_error_responses(400, 404, 413),
+        responses=error_responses(400, 404, 413),
     )
     async def rename_conversation(
         self,
@@ -250,7 +251,7 @@ class ConversationController(Controller):
         operation_id="sendMessage",
         summary="Store a user message and return it with the model's complete reply",
         status_code=200,
-        responses=_error_responses(400, 404, 409, 413, 429, 503),
+        responses=error_responses(400, 404, 409, 413),
     )
     async def send_message(
         self,
@@ -275,7 +276,8 @@ class ConversationController(Controller):
             "(JSON: user_message_id, assistant_message_id, usage, finish_reason) or `event: error` (JSON: code, "
             "detail), then closes."
         ),
-        responses=_error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 404, 409, 413),
+        operation_class=success_content(("text/event-stream", CHAT_STREAM_EVENT)),
     )
     async def stream_reply(
         self,
@@ -297,7 +299,7 @@ class ConversationController(Controller):
         operation_id="stopReply",
         summary="Stop the reply being generated; it is stored as cancelled with the text so far",
         status_code=200,
-        responses=_error_responses(400, 404),
+        responses=error_responses(400, 404),
     )
     async def stop_reply(self, chat: ChatService, conversation_id: UUID) -> StopResult:
         reply = await chat.stop(conversation_id)
@@ -310,7 +312,7 @@ class ConversationController(Controller):
         operation_id="regenerateReply",
         summary="Generate another reply to the same user message; the old reply stays as a sibling branch",
         status_code=200,
-        responses=_error_responses(400, 404, 409, 429, 503),
+        responses=error_responses(400, 404, 409, 413),
     )
     async def regenerate_reply(
         self, chat: ChatService, conversation_id: UUID, data: RegenerateRequest | None = None
@@ -325,7 +327,7 @@ class ConversationController(Controller):
         summary="Store an edited user message as a new branch and reply to it; the original branch stays",
         status_code=200,
         dependencies={"message_id_value": Provide(parse_message_id, sync_to_thread=False)},
-        responses=_error_responses(400, 404, 409, 413, 429, 503),
+        responses=error_responses(400, 404, 409, 413),
     )
     async def edit_message(
         self, chat: ChatService, conversation_id: UUID, message_id_value: UUID, data: EditRequest
@@ -337,7 +339,7 @@ class ConversationController(Controller):
         "/{session_id:str}/branch",
         operation_id="switchBranch",
         summary="Make the branch through a message active; returns that branch",
-        responses=_error_responses(400, 404, 409),
+        responses=error_responses(400, 404, 409, 413),
     )
     async def switch_branch(self, chat: ChatService, conversation_id: UUID, data: BranchSwitch) -> ConversationDetail:
         conversation, messages = await chat.switch_branch(conversation_id, data.message_id)

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
-from advanced_alchemy.exceptions import IntegrityError as RepositoryIntegrityError
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
+from advanced_alchemy.exceptions import RepositoryError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
+from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import database_unavailable
 from app.domain.errors import BusyError, ChipiError
@@ -85,8 +87,12 @@ def describe_error(exc: Exception) -> ErrorInfo:
             "database_unavailable",
             headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
         )
-    if isinstance(exc, RepositoryIntegrityError):  # a row that clashes with another (as advanced-alchemy maps it)
-        return ErrorInfo(409, "the change conflicts with stored data", _CODES[409])
+    if isinstance(exc, RepositoryError) and isinstance(exc.__cause__, SQLAlchemyError):
+        # advanced-alchemy's repositories wrap every driver error in an IntegrityError or RepositoryError: what
+        # happened is the error it wraps.
+        exc = exc.__cause__
+    if isinstance(exc, SQLAlchemyIntegrityError):  # e.g. a row another request wrote meanwhile
+        return ErrorInfo(409, "the request conflicts with a change made meanwhile", _CODES[409])
     logger.exception("unhandled error", exc_info=exc)
     return ErrorInfo(500, "internal server error", "internal_error")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from app.controllers.openapi import COMPLETION_STREAM_EVENT, openai_error_responses, success_content
 from app.domain.errors import InvalidInputError, ModelUnavailableError, NotFoundError
 from app.domain.openai import (
     ChatCompletion,
@@ -32,7 +32,7 @@ from app.domain.openai import (
     OpenAIErrorBody,
 )
 from app.domain.reasoning import Piece
-from app.services.chat import ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
+from app.services.chat import TIME_LIMIT_REASON, ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
 from app.services.model import ChatTurn
 
 _STARTED = int(time.time())
@@ -42,10 +42,6 @@ def served_model_id(chat: ChatService) -> str:
     """The model's id in /v1: a local folder's name, or the hub id as configured."""
     name = chat.model.name
     return Path(name).name if Path(name).exists() else name
-
-
-def _openai_errors(*statuses: int) -> dict[int, ResponseSpec]:
-    return {status: ResponseSpec(data_container=OpenAIErrorBody, description="Error") for status in statuses}
 
 
 def _turns(request: ChatCompletionRequest) -> tuple[str | None, list[ChatTurn]]:
@@ -71,7 +67,8 @@ def _options(request: ChatCompletionRequest) -> ReplyOptions:
 
 
 def _finish_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"  # OpenAI has no "cancelled"
+    # OpenAI has no "cancelled"; a reply cut off by the server's time limit is cut off like one by max_tokens
+    return "length" if reason in ("length", TIME_LIMIT_REASON) else "stop"
 
 
 def _usage(event: ReplyFinished) -> CompletionUsage:
@@ -138,7 +135,12 @@ class OpenAIController(Controller):
     path = "/v1"
     tags = ["openai"]
 
-    @get("/models", operation_id="listModels", summary="The model this server serves")
+    @get(
+        "/models",
+        operation_id="listModels",
+        summary="The model this server serves",
+        responses=openai_error_responses(),
+    )
     async def list_models(self, chat: ChatService) -> ModelList:
         return ModelList(data=[ModelCard(id=served_model_id(chat), created=_STARTED)])
 
@@ -147,7 +149,8 @@ class OpenAIController(Controller):
         operation_id="createChatCompletion",
         summary="OpenAI-compatible chat completion; with `stream`, server-sent chunks ending in `[DONE]`",
         status_code=200,
-        responses=_openai_errors(400, 404, 409, 413, 429, 503),
+        responses=openai_error_responses(400, 404, 409, 413),
+        operation_class=success_content(("text/event-stream", COMPLETION_STREAM_EVENT), keep_inferred=True),
     )
     async def create_chat_completion(self, chat: ChatService, data: ChatCompletionRequest) -> ChatCompletion:
         model = served_model_id(chat)

@@ -69,3 +69,12 @@ class ShuttingDownError(BusyError):
 
     def __init__(self, retry_after_seconds: int) -> None:
         super().__init__("the server is shutting down; try again shortly", 503, retry_after_seconds)
+
+
+class RateLimitedError(BusyError):
+    """A client sent more requests than its per-minute budget: 429 with Retry-After."""
+
+    code = "rate_limited"
+
+    def __init__(self, detail: str, retry_after_seconds: int) -> None:
+        super().__init__(detail, 429, retry_after_seconds)

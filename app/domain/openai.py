@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 import msgspec
+
+# What a sampling seed can be: a 64-bit integer (torch takes those; msgspec checks bounds up to int64).
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class OpenAIError(msgspec.Struct):
@@ -49,7 +52,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

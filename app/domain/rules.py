@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from app.domain.errors import InvalidInputError, TooLargeError
@@ -14,23 +15,54 @@ AUTO_TITLE_CHARS = 100
 T = TypeVar("T")
 
 
+def check_text(text: str, *, max_chars: int, field: str) -> str:
+    """Text a user sends to be stored: longer than `max_chars` is 413; a NUL character (which PostgreSQL cannot
+    store in text, and no typed text contains) is 400."""
+    if len(text) > max_chars:
+        raise TooLargeError(f"{field} is {len(text)} characters; the limit is {max_chars}", field=field)
+    if "\x00" in text:
+        raise InvalidInputError(f"{field} must not contain NUL characters", field=field)
+    return text
+
+
 def clean_prompt(text: str | None, *, max_chars: int, field: str = "content") -> str:
     """The prompt as it will be stored; empty (or blank) is 400, longer than `max_chars` is 413."""
     if text is None or not text.strip():
         raise InvalidInputError(f"{field} must not be empty", field=field)
-    if len(text) > max_chars:
-        raise TooLargeError(f"{field} is {len(text)} characters; the limit is {max_chars}", field=field)
-    return text
+    return check_text(text, max_chars=max_chars, field=field)
 
 
 def clean_title(title: str | None, *, max_chars: int) -> str:
     """A user-given title: trimmed, not blank, not longer than `max_chars`."""
     if title is None or not title.strip():
         raise InvalidInputError("title must not be empty", field="title")
-    title = title.strip()
-    if len(title) > max_chars:
-        raise TooLargeError(f"title is {len(title)} characters; the limit is {max_chars}", field="title")
-    return title
+    return check_text(title.strip(), max_chars=max_chars, field="title")
+
+
+def clean_system_prompt(text: str | None, *, max_chars: int) -> str | None:
+    """A conversation's own system prompt: None when absent or blank, else checked like a prompt."""
+    if text is None or not text.strip():
+        return None
+    return check_text(text, max_chars=max_chars, field="system_prompt")
+
+
+@dataclass(frozen=True)
+class ConversationLimits:
+    """How much one conversation may hold: messages (every branch counted) and characters of text."""
+
+    max_messages: int
+    max_chars: int
+
+    def check(self, messages: int, chars: int, *, field: str) -> None:
+        """413 when a conversation would hold `messages` messages or `chars` characters after a write."""
+        if messages > self.max_messages:
+            raise TooLargeError(
+                f"the conversation would hold {messages} messages; the limit is {self.max_messages}", field=field
+            )
+        if chars > self.max_chars:
+            raise TooLargeError(
+                f"the conversation would hold {chars} characters; the limit is {self.max_chars}", field=field
+            )
 
 
 def auto_title(first_message: str) -> str:

@@ -49,19 +49,19 @@ class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TitleUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    title: str
+    title: Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class GenerationOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Optional per-request generation settings; absent means the server's default."""
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, description="At most CHIPI_MAX_NEW_TOKENS")] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
 
 
 class MessageCreate(GenerationOptions, kw_only=True):
-    content: str
+    content: Annotated[str, msgspec.Meta(min_length=1)]
     role: Literal["user"] = "user"
 
 
@@ -72,7 +72,7 @@ class RegenerateRequest(GenerationOptions, kw_only=True):
 
 
 class EditRequest(GenerationOptions, kw_only=True):
-    content: str
+    content: Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class BranchSwitch(msgspec.Struct, forbid_unknown_fields=True):
@@ -233,10 +233,10 @@ class Transcription(msgspec.Struct):
 class SpeechCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Text to speak (OpenAI's shape; `model` is accepted for its clients and ignored: Piper voices are models)."""
 
-    input: str
+    input: Annotated[str, msgspec.Meta(min_length=1)]
     voice: str | None = None
-    response_format: str = "wav"
-    speed: float = 1.0
+    response_format: Literal["wav", "pcm"] = "wav"
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
     model: str | None = None
 
 

@@ -16,7 +16,7 @@ EXPORT_FORMAT: Literal["chipi.conversation"] = "chipi.conversation"
 EXPORT_VERSION: Literal[1] = 1
 
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # fits the database's integer columns
 
 
 class MessageExport(msgspec.Struct, kw_only=True):
@@ -81,6 +81,11 @@ def export_conversation(conversation: Conversation, messages: Sequence[Message])
     )
 
 
+def _refuse_nul(text: str | None, field: str) -> None:
+    if text is not None and "\x00" in text:
+        raise InvalidInputError(f"{field} must not contain NUL characters", field=field)
+
+
 def import_order(export: ConversationExport, *, max_title_chars: int) -> list[MessageExport]:
     """The export's messages, each after its parent, once the export is checked: a usable title, unique message
     ids, parents and the active message inside the export, no cycles. A problem is a 400 naming where it is."""
@@ -88,8 +93,13 @@ def import_order(export: ConversationExport, *, max_title_chars: int) -> list[Me
         raise InvalidInputError("title must not be blank", field="title")
     if len(export.title) > max_title_chars:
         raise InvalidInputError(f"title is longer than {max_title_chars} characters", field="title")
+    for field, text in (("title", export.title), ("system_prompt", export.system_prompt), ("model", export.model)):
+        _refuse_nul(text, field)
     by_id: dict[UUID, MessageExport] = {}
     for index, message in enumerate(export.messages):
+        _refuse_nul(message.content, f"messages[{index}].content")
+        _refuse_nul(message.reasoning, f"messages[{index}].reasoning")
+        _refuse_nul(message.finish_reason, f"messages[{index}].finish_reason")
         if message.id in by_id:
             raise InvalidInputError(f"message id {message.id} appears twice", field=f"messages[{index}].id")
         by_id[message.id] = message

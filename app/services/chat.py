@@ -40,11 +40,13 @@ T = TypeVar("T")
 
 STOP_WAIT_SECONDS = 5.0  # a stopped reply ends after one token; this bounds a last write to a database that hangs
 SHUTDOWN_RETRY_AFTER_SECONDS = 5
+# The finish_reason of a reply cut off by CHIPI_MAX_GENERATION_SECONDS.
+TIME_LIMIT_REASON = "time"
 
 
 @dataclass(frozen=True)
 class ReplyFinished:
-    """The last event of a reply that ended (finish_reason stop, length or cancelled) and was stored."""
+    """The last event of a reply that ended (finish_reason stop, length, time or cancelled) and was stored."""
 
     usage: Usage
     finish_reason: str
@@ -197,6 +199,7 @@ class ChatService:
         self._waiting = 0
         self._splits_reasoning = model.splits_reasoning
         self._titles = TitleService(model, db_config) if settings.model_titles else None
+        self.limits = settings.conversation_limits
 
     @property
     def active_generations(self) -> int:
@@ -253,6 +256,7 @@ class ChatService:
 
         async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
             turn = await conversations.plan_turn(conversation_id, request)
+            turn.check_size(self.limits)
             prompt = self._prompt_for(turn, params, options)
             return prompt, *await conversations.store_turn(turn)
 
@@ -266,6 +270,8 @@ class ChatService:
         if not turns or turns[-1].role != Role.USER:
             raise InvalidInputError("the last message must be a user message", field="messages")
         content = clean_prompt(turns[-1].content, max_chars=self._settings.max_prompt_chars, field="messages")
+        # The request is the whole conversation the model sees: it gets the limits of a stored one.
+        self.limits.check(len(turns), len(system_prompt or "") + sum(len(t.content) for t in turns), field="messages")
         params = self._params(options)
         prompt = self.model.build_prompt(system_prompt, turns, params.max_new_tokens, thinking=options.thinking)
         if store_in is None:
@@ -274,7 +280,9 @@ class ChatService:
             return self._spawn(generation, prompt, params, options)
 
         async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
-            return prompt, *await conversations.store_turn(await conversations.plan_turn(store_in, NewMessage(content)))
+            turn = await conversations.plan_turn(store_in, NewMessage(content))
+            turn.check_size(self.limits)
+            return prompt, *await conversations.store_turn(turn)
 
         return await self._launch(store_in, prepare, params, options)
 
@@ -432,6 +440,15 @@ class ChatService:
             if not stored:  # the conversation was deleted under the reply
                 generation.cancel()
 
+        out_of_time = False
+
+        def stop_for_time() -> None:
+            nonlocal out_of_time
+            out_of_time = True
+            generation.cancel()
+
+        time_limit = self._settings.max_generation_seconds
+        timer = asyncio.get_running_loop().call_later(time_limit, stop_for_time) if time_limit > 0 else None
         flushed_at = started_at = time.monotonic()
         first_token = True
         try:
@@ -451,6 +468,9 @@ class ChatService:
             take([*(splitter.flush() if splitter else []), Piece("content", stops.flush())])
             if stops.hit:
                 finished = GenerationFinished("stop", finished.prompt_tokens, finished.completion_tokens)
+            elif out_of_time and finished.finish_reason == "cancelled":
+                # cut off by CHIPI_MAX_GENERATION_SECONDS: a complete reply, like one cut off by max_tokens
+                finished = GenerationFinished(TIME_LIMIT_REASON, finished.prompt_tokens, finished.completion_tokens)
             cancelled = finished.finish_reason == "cancelled"
             ended = (MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE), finished
             await save(*ended)
@@ -480,6 +500,8 @@ class ChatService:
                 await save(MessageStatus.ERROR, reason="error", retry=False)
             generation.publish(ReplyFailed(code="generation_failed", detail="the model failed to generate a reply"))
         finally:
+            if timer is not None:
+                timer.cancel()
             self._slots.release()
             generation.settle()
             if generation.conversation_id is not None:

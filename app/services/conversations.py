@@ -17,8 +17,14 @@ from uuid_utils.compat import uuid7
 from app.domain.branches import active_path, newest_leaf_under, path_to
 from app.domain.errors import InvalidInputError, NotFoundError
 from app.domain.models import Conversation, Message, MessageStatus, Role, TitleSource
-from app.domain.rules import DEFAULT_TITLE, auto_title, search_terms
-from app.domain.transfer import ConversationExport, export_conversation, import_order, render_markdown
+from app.domain.rules import DEFAULT_TITLE, ConversationLimits, auto_title, search_terms
+from app.domain.transfer import (
+    ConversationExport,
+    MessageExport,
+    export_conversation,
+    import_order,
+    render_markdown,
+)
 from app.repositories.conversations import ConversationRepository, MessageRepository
 
 
@@ -66,6 +72,24 @@ class PlannedTurn:
     content: str
     user_message: Message | None  # an existing user message (regenerate), or None to store a new one
     parent_id: UUID | None  # the new user message's parent
+    stored_messages: int = 0  # what the conversation holds now, every branch counted
+    stored_chars: int = 0
+
+    def check_size(self, limits: ConversationLimits) -> None:
+        """413 unless the conversation has room for the turn's messages (its new user message, if any, and the
+        reply) and the user message's text. The reply's own text is not known yet: it may take the conversation past
+        the character limit, and the next write is then refused."""
+        new_user_message = self.user_message is None
+        limits.check(
+            self.stored_messages + 1 + int(new_user_message),
+            self.stored_chars + (len(self.content) if new_user_message else 0),
+            field="content",
+        )
+
+
+def stored_chars(messages: Sequence[Message] | Sequence[MessageExport]) -> int:
+    """Characters of text the messages hold (their content and reasoning)."""
+    return sum(len(message.content) + len(message.reasoning or "") for message in messages)
 
 
 class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, ConversationRepository]):
@@ -108,14 +132,18 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         if export_format == "markdown":
             branch = active_path(messages, conversation.active_message_id)
             content = render_markdown(conversation, branch).encode()
-            return ExportedFile(content, "text/markdown; charset=utf-8", f"chipi-{conversation_id}.md")
+            return ExportedFile(content, "text/markdown", f"chipi-{conversation_id}.md")  # Litestar adds the charset
         content = msgspec.json.encode(export_conversation(conversation, messages))
         return ExportedFile(content, "application/json", f"chipi-{conversation_id}.json")
 
-    async def import_conversation(self, export: ConversationExport, *, max_title_chars: int) -> Conversation:
+    async def import_conversation(
+        self, export: ConversationExport, *, max_title_chars: int, limits: ConversationLimits
+    ) -> Conversation:
         """Recreate an exported conversation under new ids (the conversation's and every message's), so importing
-        the same export twice gives two independent copies. Timestamps, statuses and the tree are kept."""
+        the same export twice gives two independent copies. Timestamps, statuses and the tree are kept. An export
+        larger than a conversation may be is a 413."""
         ordered = import_order(export, max_title_chars=max_title_chars)
+        limits.check(len(ordered), stored_chars(ordered), field="messages")
         new_ids = {message.id: uuid7() for message in ordered}  # time-ordered like every id, parents first
         conversation = Conversation(
             title=export.title,
@@ -212,11 +240,12 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         """Work out where a turn goes in the message tree; nothing is written yet."""
         conversation = await self.get_conversation(conversation_id)
         messages = await self.messages.list_for_conversation(conversation_id)
+        size = len(messages), stored_chars(messages)
         by_id = {message.id: message for message in messages}
         if isinstance(request, NewMessage):
             history = active_path(messages, conversation.active_message_id)
             parent_id = history[-1].id if history else None
-            return PlannedTurn(conversation, history, request.content, None, parent_id)
+            return PlannedTurn(conversation, history, request.content, None, parent_id, *size)
         if isinstance(request, Regenerate):
             reply = (
                 self._find(by_id, request.message_id)
@@ -227,12 +256,12 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
                 raise InvalidInputError("only an assistant reply can be regenerated", field="message_id")
             user_message = by_id[reply.parent_id]
             history = path_to(by_id, user_message)[:-1]
-            return PlannedTurn(conversation, history, user_message.content, user_message, user_message.parent_id)
+            return PlannedTurn(conversation, history, user_message.content, user_message, user_message.parent_id, *size)
         edited = self._find(by_id, request.message_id)
         if edited.role != Role.USER:
             raise InvalidInputError("only a user message can be edited", field="message_id")
         parent = by_id.get(edited.parent_id) if edited.parent_id else None
-        return PlannedTurn(conversation, path_to(by_id, parent), request.content, None, edited.parent_id)
+        return PlannedTurn(conversation, path_to(by_id, parent), request.content, None, edited.parent_id, *size)
 
     @staticmethod
     def _find(by_id: dict[UUID, Message], message_id: UUID) -> Message:

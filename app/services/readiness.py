@@ -49,7 +49,10 @@ class Part(Generic[T]):
         if self.value is not None:
             return self.value
         if self.error is not None:
-            raise NotReadyError(f"the {self.name} failed to load: {self.error}", FAILED_RETRY_AFTER_SECONDS)
+            # Not the error itself: it may name files on the server. /api/health and the log have it for the operator.
+            raise NotReadyError(
+                f"the {self.name} failed to load; /api/health and the server log say why", FAILED_RETRY_AFTER_SECONDS
+            )
         raise NotReadyError(f"the {self.name} is still loading; try again shortly", LOADING_RETRY_AFTER_SECONDS)
 
     @property

@@ -414,6 +414,7 @@
   }
 
   const STATUS_LABELS = { cancelled: "Stopped", error: "Error" };
+  const CUT_OFF_LABELS = { length: "Cut off at the length limit", time: "Cut off at the time limit" };
 
   function updateMessage(el, message) {
     el.dataset.role = message.role;
@@ -443,10 +444,10 @@
       status.className = "status";
       status.textContent = message.status === "error" && message.finish_reason ? `${label} (${message.finish_reason})` : label;
       parts.push(status);
-    } else if (message.status === "complete" && message.finish_reason === "length") {
+    } else if (message.status === "complete" && CUT_OFF_LABELS[message.finish_reason]) {
       const status = document.createElement("span");
       status.className = "status";
-      status.textContent = "Cut off at the length limit";
+      status.textContent = CUT_OFF_LABELS[message.finish_reason];
       parts.push(status);
     }
     if (el.dataset.spoken) {

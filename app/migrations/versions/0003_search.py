@@ -98,20 +98,15 @@ SQLITE_UPGRADE = [
 ]
 
 SQLITE_DOWNGRADE = [
-    *(
-        f"DROP TRIGGER IF EXISTS {name}"
-        for name in (
-            "message_search_ad",
-            "message_search_au",
-            "message_search_ai",
-            "conversation_search_ad",
-            "conversation_search_au",
-            "conversation_search_ai",
-            "search_doc_au",
-            "search_doc_ad",
-            "search_doc_ai",
-        )
-    ),
+    "DROP TRIGGER IF EXISTS message_search_ad",
+    "DROP TRIGGER IF EXISTS message_search_au",
+    "DROP TRIGGER IF EXISTS message_search_ai",
+    "DROP TRIGGER IF EXISTS conversation_search_ad",
+    "DROP TRIGGER IF EXISTS conversation_search_au",
+    "DROP TRIGGER IF EXISTS conversation_search_ai",
+    "DROP TRIGGER IF EXISTS search_doc_au",
+    "DROP TRIGGER IF EXISTS search_doc_ad",
+    "DROP TRIGGER IF EXISTS search_doc_ai",
     "DROP TABLE IF EXISTS search_fts",
     "DROP TABLE IF EXISTS search_doc",
 ]

@@ -131,7 +131,7 @@ class SpeechService:
         installed = _installed(WHISPER_DIR, ".pt")
         if wanted not in installed:
             names = ", ".join(installed) or "none"
-            raise NotFoundError(f"no whisper model {wanted!r} in {WHISPER_DIR}/ (installed: {names})", field=field)
+            raise NotFoundError(f"no whisper model {wanted!r} is installed (installed: {names})", field=field)
         return installed[wanted]
 
     def _voice_path(self, name: str | None, *, field: str = "voice") -> Path:
@@ -139,7 +139,7 @@ class SpeechService:
         installed = _installed(VOICES_DIR, ".onnx", companion=".json")
         if wanted not in installed:
             names = ", ".join(installed) or "none"
-            raise NotFoundError(f"no voice {wanted!r} in {VOICES_DIR}/ (installed: {names})", field=field)
+            raise NotFoundError(f"no voice {wanted!r} is installed (installed: {names})", field=field)
         return installed[wanted]
 
     def voices(self) -> list[VoiceOut]:
