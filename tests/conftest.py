@@ -67,6 +67,16 @@ def module_database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest
     yield from _new_database(request.param, tmp_path_factory)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind that no server has migrated, for one test (a SQLite file in a folder that does
+    not exist yet)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'fresh' / 'chipi.db'}"
+    else:
+        yield from _postgres_database()
+
+
 @pytest.fixture(scope="session")
 def server(database_url: str) -> Iterator[ChipiServer]:
     """One running server per database, shared by the tests of that database."""

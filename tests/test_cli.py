@@ -9,17 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 
 from app.settings import DEFAULT_VOICE, DEFAULT_WHISPER_MODEL
-from tests.conftest import _postgres_database
 from tests.server import ROOT, ChipiServer
 
 NEW_CONVERSATION = re.compile(r"\(new conversation ([0-9a-f-]{36})\)")
@@ -90,15 +86,6 @@ def test_pulling_a_name_that_is_no_model_is_refused() -> None:
     result = chipi("models", "pull", "not a model")
     assert result.returncode == 1
     assert "neither the default model" in result.stderr
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database that no server has migrated."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'fresh' / 'chipi.db'}"
-    else:
-        yield from _postgres_database()
 
 
 def table_names(database_url: str) -> set[str]:

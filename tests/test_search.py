@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
-import pytest
 from advanced_alchemy.alembic.commands import AlembicCommands
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
@@ -24,7 +21,6 @@ from app.db import create_db_config, upgrade_database_sync
 from app.domain.models import Conversation, Message
 from app.services.conversations import ConversationService
 from app.settings import Settings
-from tests.conftest import _postgres_database
 from tests.helpers import new_conversation, send_message
 
 
@@ -180,15 +176,6 @@ async def test_an_overlong_query_is_400(client: httpx.AsyncClient) -> None:
         response = await client.get("/api/conversations", params={"q": q})
         assert response.status_code == 400, response.text
         assert response.json()["field"] == "q"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of each kind, for this test alone."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'migrate.db'}"
-    else:
-        yield from _postgres_database()
 
 
 def test_the_migration_indexes_what_is_already_stored(fresh_database_url: str) -> None:
