@@ -1,14 +1,24 @@
-"""The `chipi` command (also `python -m app`): serve, manage models and voices, migrate, chat in a terminal."""
+"""The `chipi` command (also `python -m app`): serve, manage models, voices and API keys, migrate, chat in a
+terminal."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from app.assets import InstalledAsset, PullError
-from app.settings import SettingsError, get_settings
+from app.domain.errors import ChipiError
+from app.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from app.services.keys import ApiKeyService
+
+T = TypeVar("T")
 
 
 def _serve(_: argparse.Namespace) -> None:
@@ -93,10 +103,62 @@ def _chat(args: argparse.Namespace) -> None:
     url = args.url or f"http://{settings.host}:{settings.port}"
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request in the middle of the chat
     try:
-        TerminalChat(url, args.session).run()
+        TerminalChat(url, args.session, api_key=args.api_key or settings.api_key or None).run()
     except ChatClientError as exc:
         print(f"chipi: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _with_keys(settings: Settings, work: Callable[[ApiKeyService], Awaitable[T]]) -> T:
+    """Run `work` with the key service on a migrated database (a first `keys create` may come before `serve`)."""
+    from app.db import create_db_config, upgrade_database_sync
+    from app.services.keys import ApiKeyService
+
+    upgrade_database_sync(settings)
+
+    async def run() -> T:
+        config = create_db_config(settings, pooled=False)
+        try:
+            async with ApiKeyService.new(config=config) as keys:
+                return await work(keys)
+        finally:
+            await config.get_engine().dispose()
+
+    return asyncio.run(run())
+
+
+def _create_key(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    created = _with_keys(settings, lambda keys: keys.create_key(args.owner, args.name))
+    record = created.record
+    print(created.key)
+    print(f"id {record.id}, owner {record.owner}" + (f", name {record.name}" if record.name else ""), file=sys.stderr)
+    print("Keep the key now: it is shown only this once (Chipi stores only its SHA-256 hash).", file=sys.stderr)
+    if settings.auth == "off":
+        print("Note: CHIPI_AUTH=off, so the server asks for no key until that changes.", file=sys.stderr)
+
+
+def _list_keys(_: argparse.Namespace) -> None:
+    records = _with_keys(get_settings(), lambda keys: keys.list_keys())
+    if not records:
+        print("no API keys: authentication is off (unless CHIPI_AUTH=on)")
+        return
+    print(f"{'ID':<36}  {'OWNER':<16}  {'NAME':<16}  {'KEY':<15}  {'CREATED':<16}  STATUS")
+    for record in records:
+        status = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
+        print(
+            f"{record.id!s:<36}  {record.owner:<16}  {record.name or '-':<16}  {record.prefix + '...':<15}  "
+            f"{record.created_at:%Y-%m-%d %H:%M}  {status}"
+        )
+
+
+def _revoke_key(args: argparse.Namespace) -> None:
+    try:
+        key_id = uuid.UUID(args.id)
+    except ValueError:
+        raise ChipiError(f"{args.id!r} is not a key id (a UUID, as `chipi keys list` shows)") from None
+    record = _with_keys(get_settings(), lambda keys: keys.revoke(key_id))
+    print(f"revoked key {record.id} of {record.owner}; requests that send it now get 401")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,7 +201,22 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat in the terminal with a running server, replies streamed")
     chat.add_argument("--url", help="the server (default: http://CHIPI_HOST:CHIPI_PORT)")
     chat.add_argument("--session", help="continue this conversation (default: start a new one)")
+    chat.add_argument("--api-key", help="the API key to send, if the server asks for one (default: CHIPI_API_KEY)")
     chat.set_defaults(run=_chat)
+
+    keys = commands.add_parser(
+        "keys", help="API keys: once one exists, every request needs a key and sees its owner's conversations only"
+    ).add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="a new key for an owner, printed once (only its hash is stored)")
+    create.add_argument("--owner", required=True, help="whose conversations the key opens (`local`: those from before)")
+    create.add_argument("--name", help="a label to tell the owner's keys apart, e.g. laptop")
+    create.set_defaults(run=_create_key)
+    keys.add_parser("list", help="every key: id, owner, name, first characters, created, revoked").set_defaults(
+        run=_list_keys
+    )
+    revoke = keys.add_parser("revoke", help="refuse a key from now on (authentication stays on)")
+    revoke.add_argument("id", help="the key's id, from `chipi keys list`")
+    revoke.set_defaults(run=_revoke_key)
 
     # Older names, kept working.
     commands.add_parser("fetch-models", help="fetch every default model and voice that is configured").set_defaults(
@@ -154,6 +231,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         logging.basicConfig(level=get_settings().log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
         args.run(args)
-    except (PullError, SettingsError) as exc:
+    except (PullError, SettingsError, ChipiError) as exc:
         print(f"chipi: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -75,13 +75,27 @@ async def render_metrics(readiness: Readiness) -> bytes:
     return generate_latest(REGISTRY)
 
 
+class WithoutQueryStrings(logging.Filter):
+    """uvicorn logs each WebSocket handshake (`"WebSocket /path?query" [accepted]`) with its query string, where a
+    browser's API key travels (and a prompt may): the paths in those lines lose their query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and "WebSocket %s" in str(record.msg):
+            record.args = tuple(arg.split("?", 1)[0] if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
 def configure_access_log(level: str) -> None:
-    """Access lines go to stderr as they are (a JSON object or a text line), not through the root logger's format."""
+    """Access lines go to stderr as they are (a JSON object or a text line), not through the root logger's format;
+    uvicorn's own lines never carry a query string."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_logger.handlers[:] = [handler]
     access_logger.propagate = False
     access_logger.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
+    uvicorn_logger = logging.getLogger("uvicorn.error")  # runs after uvicorn configured its logging: the filter stays
+    if not any(isinstance(existing, WithoutQueryStrings) for existing in uvicorn_logger.filters):
+        uvicorn_logger.addFilter(WithoutQueryStrings())
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +52,18 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
+
+
+def _env_origins(name: str) -> tuple[str, ...]:
+    """Comma-separated origins (`scheme://host[:port]`), or `*` for any."""
+    origins = tuple(origin.strip().rstrip("/") for origin in os.environ.get(name, "").split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise SettingsError(f"{name}: {origin!r} is not an origin like https://chat.example.com or *")
+    return origins
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -113,6 +126,9 @@ class Settings:
     max_speech_chars: int
     log_level: str
     log_format: str
+    auth: str  # auto (on once a key exists) | on | off
+    cors_origins: tuple[str, ...]
+    api_key: str  # the key `chipi chat` sends
 
     @property
     def model_titles(self) -> bool:
@@ -174,6 +190,9 @@ class Settings:
             max_speech_chars=_env_int("CHIPI_MAX_SPEECH_CHARS", 4096, minimum=1),
             log_level=_env("CHIPI_LOG_LEVEL", "info").lower(),
             log_format=_env_choice("CHIPI_LOG_FORMAT", "json", ("json", "text")),
+            auth=_env_choice("CHIPI_AUTH", "auto", ("auto", "on", "off")),
+            cors_origins=_env_origins("CHIPI_CORS_ORIGINS"),
+            api_key=os.environ.get("CHIPI_API_KEY", "").strip(),
         )
 
 

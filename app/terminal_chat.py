@@ -47,10 +47,14 @@ def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
 
 
 class TerminalChat:
-    """One REPL session against the server at `url`, in conversation `session_id` (a new one if None)."""
+    """One REPL session against the server at `url`, in conversation `session_id` (a new one if None), sending
+    `api_key` as a bearer token when given."""
 
-    def __init__(self, url: str, session_id: str | None, out: TextIO = sys.stdout) -> None:
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(30, read=None))
+    def __init__(
+        self, url: str, session_id: str | None, out: TextIO = sys.stdout, *, api_key: str | None = None
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, read=None))
         self._session_id = session_id
         self._out = out
 

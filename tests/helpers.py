@@ -1,16 +1,21 @@
-"""Small client-side helpers the tests share: what a frontend would do over HTTP."""
+"""Small client-side helpers the tests share: what a frontend would do over HTTP, and the operator's CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 from websockets.asyncio.client import ClientConnection, connect
+
+from tests.server import ROOT
 
 ISO_WITH_OFFSET = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
@@ -92,3 +97,29 @@ def socket_url(client: httpx.AsyncClient, session_id: str) -> str:
 
 def connect_socket(client: httpx.AsyncClient, session_id: str) -> connect:
     return connect(socket_url(client, session_id), open_timeout=30)
+
+
+KEY = re.compile(r"^chipi_[A-Za-z0-9_-]{43}$")
+
+
+def chipi(database_url: str, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI (`python -m app`, what `chipi` runs) against a test database."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=ROOT,
+        env={**os.environ, "CHIPI_LOG_LEVEL": "warning", "DATABASE_URL": database_url, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def create_key(database_url: str, owner: str, *extra: str) -> str:
+    """`chipi keys create --owner OWNER`: the new key (from then on, the server asks every request for one)."""
+    result = chipi(database_url, "keys", "create", "--owner", owner, *extra)
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    assert KEY.match(key), result.stdout  # the key alone on stdout, so `KEY=$(chipi keys create ...)` works
+    assert "shown only this once" in result.stderr
+    return key

@@ -2,8 +2,9 @@
 recordings and conversations that are too large (413), generation limits (max tokens, wall time), and that an
 internal error is a bare 500.
 
-Every test speaks with an API key of its own (`Authorization: Bearer ...`), so each has a rate-limit budget of its own;
-only the test of address-based limits sends none.
+Every test speaks with an API key of its own, created in the module's database (which switches authentication on
+for its server), so each has a rate-limit budget of its own; the test of address-based limits runs a server of its
+own with authentication off.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -24,6 +26,9 @@ import websockets
 from httpx_sse import aconnect_sse
 from sqlalchemy.engine import make_url
 
+from app.db import create_db_config
+from app.services.keys import ApiKeyService
+from app.settings import Settings
 from tests.helpers import frames_until_done, get_conversation, new_conversation, next_frame
 from tests.server import ChipiServer
 
@@ -52,14 +57,21 @@ def limits_server(module_database_url: str) -> Iterator[ChipiServer]:
         yield server
 
 
-def key_headers() -> dict[str, str]:
-    """A fresh API key: a rate-limit budget of its own."""
-    return {"Authorization": f"Bearer test-{uuid.uuid4().hex}"}
+async def key_headers(database_url: str) -> dict[str, str]:
+    """A new API key of an owner of its own, stored in the database: a rate-limit budget of its own."""
+    config = create_db_config(replace(Settings.from_env(), database_url=database_url))
+    try:
+        async with ApiKeyService.new(config=config) as keys:
+            created = await keys.create_key(f"limits-{uuid.uuid4().hex[:12]}")
+    finally:
+        await config.get_engine().dispose()
+    return {"Authorization": f"Bearer {created.key}"}
 
 
 @pytest.fixture
-async def keyed(limits_server: ChipiServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=limits_server.url, timeout=60, headers=key_headers()) as http:
+async def keyed(limits_server: ChipiServer, module_database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    headers = await key_headers(module_database_url)
+    async with httpx.AsyncClient(base_url=limits_server.url, timeout=60, headers=headers) as http:
         yield http
 
 
@@ -93,7 +105,9 @@ async def spend_budget(http: httpx.AsyncClient, path: str = "/api/conversations"
 # Rate limits
 
 
-async def test_a_client_over_its_budget_gets_429_with_retry_after(keyed: httpx.AsyncClient) -> None:
+async def test_a_client_over_its_budget_gets_429_with_retry_after(
+    keyed: httpx.AsyncClient, module_database_url: str
+) -> None:
     first = await keyed.get("/api/conversations")
     assert first.status_code == 200
     assert first.headers["ratelimit-limit"] == str(RATE_LIMIT)
@@ -106,7 +120,8 @@ async def test_a_client_over_its_budget_gets_429_with_retry_after(keyed: httpx.A
     assert "a minute" in body["detail"]
     retry_after = int(refused.headers["retry-after"])
     assert 1 <= retry_after <= 60 // RATE_LIMIT
-    async with httpx.AsyncClient(base_url=str(keyed.base_url), headers=key_headers()) as other_key:
+    other_headers = await key_headers(module_database_url)
+    async with httpx.AsyncClient(base_url=str(keyed.base_url), headers=other_headers) as other_key:
         assert (await other_key.get("/api/conversations")).status_code == 200  # a budget per key
     await asyncio.sleep(retry_after)
     assert (await keyed.get("/api/conversations")).status_code == 200  # and it comes back
@@ -138,12 +153,33 @@ async def test_a_websocket_over_the_budget_is_closed_with_4429(keyed: httpx.Asyn
     assert "retry after" in closed.value.rcvd.reason
 
 
-async def test_without_a_key_the_budget_is_the_client_address(limits_server: ChipiServer) -> None:
-    async with httpx.AsyncClient(base_url=limits_server.url, timeout=60) as anonymous:
-        assert_error((await spend_budget(anonymous))[1], 429, "rate_limited")
-        assert (await anonymous.get("/api/health")).status_code == 200  # readiness still answers
-    async with httpx.AsyncClient(base_url=limits_server.url, headers=key_headers()) as with_key:
-        assert (await with_key.get("/api/conversations")).status_code == 200  # a key has a budget of its own
+async def test_without_authentication_the_budget_is_the_client_address_whatever_key_is_sent(
+    module_database_url: str,
+) -> None:
+    server = ChipiServer(module_database_url, CHIPI_AUTH="off", CHIPI_RATE_LIMIT=str(RATE_LIMIT))
+    server.start(until="/api/ping")  # the API answers before the models are loaded; these requests need none
+    try:
+        made_up = {"Authorization": f"Bearer sk-made-up-{uuid.uuid4().hex}"}  # what OpenAI's clients send
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=made_up) as with_made_up_key:
+            passed, refused = await spend_budget(with_made_up_key)
+        assert passed >= RATE_LIMIT - 1
+        assert_error(refused, 429, "rate_limited")
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as anonymous:
+            assert_error(await anonymous.get("/api/conversations"), 429, "rate_limited")  # the same address
+            other = {"Authorization": f"Bearer sk-another-{uuid.uuid4().hex}"}
+            assert_error(await anonymous.get("/api/conversations", headers=other), 429, "rate_limited")
+            assert (await anonymous.get("/api/ping")).status_code == 200  # liveness still answers
+    finally:
+        server.stop()
+
+
+async def test_a_made_up_key_is_refused_before_it_spends_any_budget(keyed: httpx.AsyncClient) -> None:
+    made_up = {"Authorization": f"Bearer chipi_{uuid.uuid4().hex}"}
+    for _ in range(2 * RATE_LIMIT):
+        refused = await keyed.get("/api/conversations", headers=made_up)
+        assert refused.status_code == 401, refused.text
+        assert "ratelimit-remaining" not in refused.headers
+    assert (await keyed.get("/api/conversations")).headers["ratelimit-remaining"] == str(RATE_LIMIT - 1)
 
 
 # Request bodies, texts, recordings

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
+import uuid
 
 import pytest
 
 from app.controllers.rate_limit import client_identity, is_rate_limited_path
+from app.domain.auth import LOCAL_CALLER, Caller
 from app.domain.rate_limit import RateLimiter
 
 
@@ -58,14 +59,14 @@ def test_memory_holds_only_the_clients_of_the_last_minute() -> None:
     assert len(limiter) <= 2 * (60 / 0.05)
 
 
-def test_the_identity_is_a_hash_of_the_bearer_key_else_the_address() -> None:
-    keyed = {"headers": [(b"authorization", b"Bearer secret-key")], "client": ("10.0.0.1", 5000)}
-    identity = client_identity(keyed)  # type: ignore[arg-type]
-    assert identity == "key:" + hashlib.sha256(b"secret-key").hexdigest()
-    assert "secret-key" not in identity
-    assert client_identity({"headers": [], "client": ("10.0.0.1", 5000)}) == "address:10.0.0.1"  # type: ignore[arg-type]
-    basic = {"headers": [(b"authorization", b"Basic abc")], "client": ("10.0.0.2", 1)}
-    assert client_identity(basic) == "address:10.0.0.2"  # type: ignore[arg-type]
+def test_the_identity_is_the_authenticated_key_else_the_address() -> None:
+    key_id = uuid.uuid4()
+    authenticated = {"user": Caller("alice", key_id), "client": ("10.0.0.1", 5000)}
+    assert client_identity(authenticated) == f"key:{key_id}"  # type: ignore[arg-type]
+    # a key sent while authentication is off (everyone is the local owner) is not a budget of its own
+    local = {"user": LOCAL_CALLER, "headers": [(b"authorization", b"Bearer made-up")], "client": ("10.0.0.1", 5000)}
+    assert client_identity(local) == "address:10.0.0.1"  # type: ignore[arg-type]
+    assert client_identity({"client": ("10.0.0.2", 1)}) == "address:10.0.0.2"  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

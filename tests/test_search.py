@@ -8,17 +8,20 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import httpx
 from advanced_alchemy.alembic.commands import AlembicCommands
-from sqlalchemy import create_engine
+from advanced_alchemy.types import GUID, DateTimeUTC
+from sqlalchemy import String, column, create_engine, insert, table
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from app.db import create_db_config, upgrade_database_sync
-from app.domain.models import Conversation, Message
+from app.domain.auth import LOCAL_OWNER
+from app.domain.models import Message
 from app.services.conversations import ConversationService
 from app.settings import Settings
 from tests.helpers import new_conversation, send_message
@@ -185,20 +188,33 @@ def test_the_migration_indexes_what_is_already_stored(fresh_database_url: str) -
     url = make_url(fresh_database_url)
     sync_driver = "sqlite" if url.get_backend_name() == "sqlite" else "postgresql+psycopg"  # psycopg 3 is both
     sync_engine = create_engine(url.set(drivername=sync_driver))
+    # The conversation table as 0002 left it (the model has grown columns since); the message table is unchanged.
+    old_conversation = table(
+        "conversation",
+        column("id", GUID()),
+        column("title", String()),
+        column("title_source", String()),
+        column("model", String()),
+        column("created_at", DateTimeUTC()),
+        column("updated_at", DateTimeUTC()),
+    )
+    session_id, now = uuid.uuid4(), datetime.now(UTC)
     with Session(sync_engine) as session:
-        conversation = Conversation(title=f"Old {title_word}", title_source="manual", model="m")
-        session.add(conversation)
-        session.flush()
-        session.add(Message(conversation_id=conversation.id, role="user", content=f"old {message_word}"))
+        title = f"Old {title_word}"
+        session.execute(
+            insert(old_conversation).values(
+                id=session_id, title=title, title_source="manual", model="m", created_at=now, updated_at=now
+            )
+        )
+        session.add(Message(conversation_id=session_id, role="user", content=f"old {message_word}"))
         session.commit()
-        session_id = conversation.id
     sync_engine.dispose()
     upgrade_database_sync(settings)
 
     async def search_stored(q: str) -> list[UUID]:
         config = create_db_config(settings)
         async with ConversationService.new(config=config) as conversations:
-            found, _ = await conversations.list_conversations(q, limit=10, offset=0)
+            found, _ = await conversations.list_conversations(LOCAL_OWNER, q, limit=10, offset=0)
         await config.get_engine().dispose()
         return [conversation.id for conversation in found]
 

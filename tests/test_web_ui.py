@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.audio_samples import encode, speak, word_errors
-from tests.helpers import get_conversation
+from tests.helpers import create_key, get_conversation
 from tests.server import ROOT, ChipiServer
 
 try:
@@ -348,3 +348,50 @@ async def test_voice_message_is_transcribed_answered_and_spoken(
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
     assert stored["messages"][0]["content"] == heard
     assert voice_chat.errors == []
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChipiServer, str]]:
+    """A server (SQLite) whose database has an API key, so every API request needs one; and the key."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('web-keys') / 'chipi.db'}"
+    key = create_key(database_url, "alice")
+    with ChipiServer(database_url) as server:
+        yield server, key
+
+
+async def test_a_server_with_keys_asks_for_one_and_the_page_works_with_it(
+    chat: ChatPage, keyed_server: tuple[ChipiServer, str]
+) -> None:
+    server, key = keyed_server
+    page = chat.page
+    await page.goto(server.url + "/")
+    key_form = page.locator("#key-form")
+    await expect(key_form).to_be_visible()  # the list answered 401
+    await expect(page.locator("#key-prompt")).to_contain_text("needs an API key")
+    await chat.screenshot("asks-for-a-key")
+
+    await page.fill("#key-input", "chipi_not-a-key")
+    await page.press("#key-input", "Enter")
+    await expect(page.locator("#key-prompt")).to_contain_text("refused the saved API key")
+    await expect(key_form).to_be_visible()
+
+    await page.fill("#key-input", key)
+    await page.click("#key-form button[type=submit]")
+    await expect(key_form).to_be_hidden()
+    await page.fill("#input", PROMPT)
+    await page.press("#input", "Enter")  # a new conversation, then the reply over the WebSocket (?api_key=)
+    reply = page.locator(".message.assistant")
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT_MS)
+    session_id = chat.session_id()
+    await expect(_list_item(chat, session_id)).to_have_count(1)
+    await chat.screenshot("with-a-key")
+
+    await page.reload()  # the key stays in this browser
+    await expect(page.locator(".message")).to_have_count(2)
+    await expect(key_form).to_be_hidden()
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as owner:
+        stored = await get_conversation(owner, session_id)
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
+    # Chromium logs each 401 as a failed resource load; anything else is a fault of the page.
+    assert [error for error in chat.errors if "status of 401" not in error] == []
+    assert any("status of 401" in error for error in chat.errors)

@@ -13,6 +13,7 @@ from litestar.enums import MediaType, RequestEncodingType
 from litestar.params import Body, Parameter
 from litestar.response import Stream
 
+from app.controllers.auth import KEY_REQUIRED
 from app.controllers.conversations import parse_session_id
 from app.controllers.openapi import BINARY, TEXT, error_responses, success_content
 from app.domain.schemas import SpeechCreate, Transcription, VoiceExchange, VoiceList, message_out
@@ -48,6 +49,7 @@ class VoiceTurnForm:
 class AudioController(Controller):
     path = "/api"
     tags = ["audio"]
+    security = KEY_REQUIRED
 
     @post(
         "/audio/transcriptions",
@@ -58,7 +60,7 @@ class AudioController(Controller):
             "`text` gives the text alone as text/plain. Digital silence transcribes to an empty text."
         ),
         status_code=200,
-        responses=error_responses(400, 404, 413),
+        responses=error_responses(400, 401, 404, 413),
         operation_class=success_content(("text/plain", TEXT), keep_inferred=True),
     )
     async def create_transcription(
@@ -83,14 +85,14 @@ class AudioController(Controller):
         ),
         status_code=200,
         response_description="A WAV stream (`wav`) or raw PCM (`pcm`)",
-        responses=error_responses(400, 404, 413),
+        responses=error_responses(400, 401, 404, 413),
         operation_class=success_content(("audio/wav", BINARY), ("audio/pcm", BINARY)),
     )
     async def create_speech(self, speech: SpeechService, data: SpeechCreate) -> Stream:
         audio = await speech.open_speech(data.input, data.voice, data.speed, data.response_format)
         return Stream(audio.chunks, media_type=audio.media_type, headers={"X-Sample-Rate": str(audio.sample_rate)})
 
-    @get("/voices", operation_id="listVoices", summary="The installed Piper voices", responses=error_responses())
+    @get("/voices", operation_id="listVoices", summary="The installed Piper voices", responses=error_responses(401))
     async def list_voices(self, speech: SpeechService) -> VoiceList:
         return VoiceList(voices=speech.voices(), default=speech.default_voice)
 
@@ -98,6 +100,7 @@ class AudioController(Controller):
 class VoiceChatController(Controller):
     path = "/api/conversations"
     tags = ["conversations", "audio"]
+    security = KEY_REQUIRED
     dependencies = {"conversation_id": Provide(parse_session_id, sync_to_thread=False)}
 
     @post(
@@ -109,17 +112,19 @@ class VoiceChatController(Controller):
             "spoken, as a base64 WAV file in `reply_audio`."
         ),
         status_code=200,
-        responses=error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 401, 404, 409, 413),
     )
     async def send_voice_message(
         self,
         voice_chat: VoiceChatService,
+        owner: str,
         conversation_id: UUID,
         data: Annotated[VoiceTurnForm, Multipart],
         reply_audio: Annotated[bool, Parameter(description="Also return the reply spoken, as base64 WAV")] = False,
         voice: Annotated[str | None, Parameter(description="The voice that speaks the reply")] = None,
     ) -> VoiceExchange:
         turn = await voice_chat.reply(
+            owner,
             conversation_id,
             await data.file.read(),
             ReplyOptions(data.max_tokens, data.temperature, data.top_p),

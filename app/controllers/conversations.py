@@ -17,6 +17,7 @@ from litestar.params import Parameter
 from litestar.response import Response, ServerSentEvent, ServerSentEventMessage, Stream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.controllers.auth import KEY_REQUIRED
 from app.controllers.openapi import CHAT_STREAM_EVENT, TEXT, error_responses, success_content
 from app.domain.errors import InvalidInputError
 from app.domain.rules import clean_system_prompt, clean_title
@@ -101,17 +102,19 @@ def _exchange(conversation_id: UUID, user_message: Any, reply: Any) -> MessageEx
 class ConversationController(Controller):
     path = "/api/conversations"
     tags = ["conversations"]
+    security = KEY_REQUIRED
     dependencies = {"conversation_id": Provide(parse_session_id, sync_to_thread=False)}
 
     @get(
         "/",
         operation_id="listConversations",
         summary="Conversations, most recently updated first",
-        responses=error_responses(400),
+        responses=error_responses(400, 401),
     )
     async def list_conversations(
         self,
         conversations: ConversationService,
+        owner: str,
         limit: Annotated[int, Parameter(ge=1, le=100, description="Page size")] = 20,
         offset: Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="Conversations to skip")] = 0,
         q: Annotated[
@@ -122,18 +125,19 @@ class ConversationController(Controller):
             ),
         ] = None,
     ) -> ConversationList:
-        items, total = await conversations.list_conversations(q, limit=limit, offset=offset)
+        items, total = await conversations.list_conversations(owner, q, limit=limit, offset=offset)
         return ConversationList([conversation_out(c) for c in items], total=total, limit=limit, offset=offset)
 
     @post(
         "/new",
         operation_id="createConversation",
         summary="Start a conversation",
-        responses=error_responses(400, 413),
+        responses=error_responses(400, 401, 413),
     )
     async def create_conversation(
         self,
         conversations: ConversationService,
+        owner: str,
         settings: Settings,
         data: ConversationCreate | None = None,
         title: Annotated[str | None, Parameter(description="Optional title (or in the body)")] = None,
@@ -141,6 +145,7 @@ class ConversationController(Controller):
         body = data or ConversationCreate()
         given_title = _given(body.title, title)
         conversation = await conversations.start_conversation(
+            owner,
             title=clean_title(given_title, max_chars=settings.max_title_chars) if given_title else None,
             system_prompt=clean_system_prompt(body.system_prompt, max_chars=settings.max_prompt_chars),
             model=settings.model,
@@ -150,13 +155,14 @@ class ConversationController(Controller):
     @get(
         "/export",
         operation_id="exportAllConversations",
-        summary="Every conversation as NDJSON: one JSON export (as from a single export) per line, streamed",
+        summary="Every conversation of the caller as NDJSON: one JSON export (as from a single export) per line, "
+        "streamed",
         media_type="application/x-ndjson",
-        responses=error_responses(),
+        responses=error_responses(401),
     )
-    async def export_all(self, db_engine: AsyncEngine) -> Stream:
+    async def export_all(self, db_engine: AsyncEngine, owner: str) -> Stream:
         return Stream(
-            ConversationService.export_all_ndjson(db_engine),
+            ConversationService.export_all_ndjson(db_engine, owner),
             media_type="application/x-ndjson",
             headers={"Content-Disposition": 'attachment; filename="chipi-conversations.ndjson"'},
         )
@@ -164,14 +170,17 @@ class ConversationController(Controller):
     @post(
         "/import",
         operation_id="importConversation",
-        summary="Recreate a conversation from its JSON export, under new ids",
-        responses=error_responses(400, 413),
+        summary="Recreate a conversation from its JSON export, under new ids, as the caller's",
+        responses=error_responses(400, 401, 413),
     )
     async def import_conversation(
-        self, conversations: ConversationService, settings: Settings, data: ConversationExport
+        self, conversations: ConversationService, owner: str, settings: Settings, data: ConversationExport
     ) -> ConversationImported:
         conversation = await conversations.import_conversation(
-            data, max_title_chars=settings.max_title_chars, limits=settings.conversation_limits
+            owner,
+            data,
+            max_title_chars=settings.max_title_chars,
+            limits=settings.conversation_limits,
         )
         return conversation_out(
             conversation, ConversationImported, message="Conversation imported", imported_messages=len(data.messages)
@@ -186,17 +195,18 @@ class ConversationController(Controller):
                 data_container=ConversationExport,
                 description="format=json: the export; format=markdown: a text/markdown document",
             ),
-            **error_responses(400, 404),
+            **error_responses(400, 401, 404),
         },
         operation_class=success_content(("text/markdown", TEXT), keep_inferred=True),
     )
     async def export_conversation(
         self,
         conversations: ConversationService,
+        owner: str,
         conversation_id: UUID,
         format: Annotated[Literal["json", "markdown"], Parameter(description="json or markdown")] = "json",
     ) -> Response[bytes]:
-        exported = await conversations.export_file(conversation_id, format)
+        exported = await conversations.export_file(owner, conversation_id, format)
         disposition = f'attachment; filename="{exported.filename}"'
         return Response(exported.content, media_type=exported.media_type, headers={"Content-Disposition": disposition})
 
@@ -204,15 +214,16 @@ class ConversationController(Controller):
         "/{session_id:str}",
         operation_id="getConversation",
         summary="A conversation and its messages, oldest first",
-        responses=error_responses(400, 404),
+        responses=error_responses(400, 401, 404),
     )
     async def get_conversation(
         self,
         conversations: ConversationService,
+        owner: str,
         conversation_id: UUID,
         tree: Annotated[bool, Parameter(description="Every message of every branch instead of the active one")] = False,
     ) -> ConversationDetail:
-        conversation, messages = await conversations.get_with_messages(conversation_id, tree=tree)
+        conversation, messages = await conversations.get_with_messages(owner, conversation_id, tree=tree)
         return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])
 
     @delete(
@@ -220,30 +231,31 @@ class ConversationController(Controller):
         operation_id="deleteConversation",
         summary="Delete a conversation and its messages",
         status_code=200,
-        responses=error_responses(400, 404),
+        responses=error_responses(400, 401, 404),
     )
     async def delete_conversation(
-        self, conversations: ConversationService, conversation_id: UUID
+        self, conversations: ConversationService, owner: str, conversation_id: UUID
     ) -> ConversationDeleted:
-        await conversations.delete_conversation(conversation_id)
+        await conversations.delete_conversation(owner, conversation_id)
         return ConversationDeleted(session_id=conversation_id, message="Conversation deleted")
 
     @patch(
         "/{session_id:str}/title",
         operation_id="renameConversation",
         summary="Set a conversation's title; a manual title is never replaced automatically",
-        responses=error_responses(400, 404, 413),
+        responses=error_responses(400, 401, 404, 413),
     )
     async def rename_conversation(
         self,
         conversations: ConversationService,
+        owner: str,
         settings: Settings,
         conversation_id: UUID,
         data: TitleUpdate | None = None,
         title: Annotated[str | None, Parameter(description="The new title (or in the body)")] = None,
     ) -> TitleUpdated:
         new_title = clean_title(_given(data.title if data else None, title), max_chars=settings.max_title_chars)
-        conversation = await conversations.rename(conversation_id, new_title)
+        conversation = await conversations.rename(owner, conversation_id, new_title)
         return TitleUpdated(session_id=conversation_id, title=conversation.title, message="Title updated")
 
     @post(
@@ -251,11 +263,12 @@ class ConversationController(Controller):
         operation_id="sendMessage",
         summary="Store a user message and return it with the model's complete reply",
         status_code=200,
-        responses=error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 401, 404, 409, 413),
     )
     async def send_message(
         self,
         chat: ChatService,
+        owner: str,
         conversation_id: UUID,
         data: MessageCreate | None = None,
         content: Annotated[str | None, Parameter(description="The message (or in the body)")] = None,
@@ -264,7 +277,7 @@ class ConversationController(Controller):
         if data is None and role not in (None, "user"):
             raise InvalidInputError("role must be 'user'; replies come from the model", field="role")
         request = NewMessage(_given(data.content if data else None, content) or "")
-        user_message, reply = await chat.reply(conversation_id, request, _options(data))
+        user_message, reply = await chat.reply(owner, conversation_id, request, _options(data))
         return _exchange(conversation_id, user_message, reply)
 
     @get(
@@ -276,12 +289,13 @@ class ConversationController(Controller):
             "(JSON: user_message_id, assistant_message_id, usage, finish_reason) or `event: error` (JSON: code, "
             "detail), then closes."
         ),
-        responses=error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 401, 404, 409, 413),
         operation_class=success_content(("text/event-stream", CHAT_STREAM_EVENT)),
     )
     async def stream_reply(
         self,
         chat: ChatService,
+        owner: str,
         conversation_id: UUID,
         prompt: Annotated[str | None, Parameter(description="The user's message, form-encoded (+ is a space)")] = None,
         thinking: Annotated[bool, Parameter(description="Let a reasoning model think first (Qwen3 style)")] = False,
@@ -290,7 +304,7 @@ class ConversationController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         generation, after = await chat.open_stream(
-            conversation_id, prompt, ReplyOptions(thinking=thinking), last_event_id
+            owner, conversation_id, prompt, ReplyOptions(thinking=thinking), last_event_id
         )
         return ServerSentEvent(_sse_events(generation, after), headers=STREAM_HEADERS)
 
@@ -299,10 +313,10 @@ class ConversationController(Controller):
         operation_id="stopReply",
         summary="Stop the reply being generated; it is stored as cancelled with the text so far",
         status_code=200,
-        responses=error_responses(400, 404),
+        responses=error_responses(400, 401, 404),
     )
-    async def stop_reply(self, chat: ChatService, conversation_id: UUID) -> StopResult:
-        reply = await chat.stop(conversation_id)
+    async def stop_reply(self, chat: ChatService, owner: str, conversation_id: UUID) -> StopResult:
+        reply = await chat.stop(owner, conversation_id)
         if reply is None:
             return StopResult(conversation_id, stopped=False, message="No reply was running", assistant_message=None)
         return StopResult(conversation_id, stopped=True, message="Reply stopped", assistant_message=message_out(reply))
@@ -312,13 +326,13 @@ class ConversationController(Controller):
         operation_id="regenerateReply",
         summary="Generate another reply to the same user message; the old reply stays as a sibling branch",
         status_code=200,
-        responses=error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 401, 404, 409, 413),
     )
     async def regenerate_reply(
-        self, chat: ChatService, conversation_id: UUID, data: RegenerateRequest | None = None
+        self, chat: ChatService, owner: str, conversation_id: UUID, data: RegenerateRequest | None = None
     ) -> MessageExchange:
         request = Regenerate(data.message_id if data else None)
-        user_message, reply = await chat.reply(conversation_id, request, _options(data))
+        user_message, reply = await chat.reply(owner, conversation_id, request, _options(data))
         return _exchange(conversation_id, user_message, reply)
 
     @post(
@@ -327,20 +341,23 @@ class ConversationController(Controller):
         summary="Store an edited user message as a new branch and reply to it; the original branch stays",
         status_code=200,
         dependencies={"message_id_value": Provide(parse_message_id, sync_to_thread=False)},
-        responses=error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 401, 404, 409, 413),
     )
     async def edit_message(
-        self, chat: ChatService, conversation_id: UUID, message_id_value: UUID, data: EditRequest
+        self, chat: ChatService, owner: str, conversation_id: UUID, message_id_value: UUID, data: EditRequest
     ) -> MessageExchange:
-        user_message, reply = await chat.reply(conversation_id, Edit(message_id_value, data.content), _options(data))
+        edit = Edit(message_id_value, data.content)
+        user_message, reply = await chat.reply(owner, conversation_id, edit, _options(data))
         return _exchange(conversation_id, user_message, reply)
 
     @put(
         "/{session_id:str}/branch",
         operation_id="switchBranch",
         summary="Make the branch through a message active; returns that branch",
-        responses=error_responses(400, 404, 409, 413),
+        responses=error_responses(400, 401, 404, 409, 413),
     )
-    async def switch_branch(self, chat: ChatService, conversation_id: UUID, data: BranchSwitch) -> ConversationDetail:
-        conversation, messages = await chat.switch_branch(conversation_id, data.message_id)
+    async def switch_branch(
+        self, chat: ChatService, owner: str, conversation_id: UUID, data: BranchSwitch
+    ) -> ConversationDetail:
+        conversation, messages = await chat.switch_branch(owner, conversation_id, data.message_id)
         return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])

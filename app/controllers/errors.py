@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
+import msgspec
 from advanced_alchemy.exceptions import NotFoundError as RepositoryNotFoundError
 from advanced_alchemy.exceptions import RepositoryError
-from litestar import Request, Response
+from litestar import Request, Response, WebSocket
 from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import database_unavailable
 from app.domain.errors import BusyError, ChipiError
+from app.domain.frames import ErrorFrame
 from app.domain.openai import OpenAIError, OpenAIErrorBody
 from app.domain.schemas import ErrorBody
 
@@ -26,9 +28,15 @@ DATABASE_RETRY_AFTER_SECONDS = 5
 # body is complete (a cut upload): nobody is left to answer, and it is no server error. Logged as nginx's 499.
 _CLIENT_GONE_DETAIL = "client disconnected prematurely"
 CLIENT_CLOSED_REQUEST = 499
+AUTHENTICATE_CHALLENGE = 'Bearer realm="chipi"'
+# How a refused WebSocket closes: 4000 + the HTTP status where a client acts on it (a key to ask for, a conversation
+# gone), 1013 "try again later" for a 503, else 1011 "unexpected condition".
+_SOCKET_CLOSE_CODES = {401: 4401, 404: 4404, 503: 1013}
+_SOCKET_CLOSE_REASONS = {4401: "an API key is required", 4404: "conversation not found"}
 
 _CODES = {
     400: "invalid_input",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
@@ -62,7 +70,15 @@ def _invalid_field(exc: ValidationException) -> tuple[str, str | None]:
 
 
 def describe_error(exc: Exception) -> ErrorInfo:
-    """Status, code and message for any exception; bad input is never a 500."""
+    """Status, code and message for any exception; bad input is never a 500. A 401 always says how to
+    authenticate (`WWW-Authenticate: Bearer`)."""
+    info = _describe(exc)
+    if info.status_code == 401:
+        info.headers.setdefault("WWW-Authenticate", AUTHENTICATE_CHALLENGE)
+    return info
+
+
+def _describe(exc: Exception) -> ErrorInfo:
     if isinstance(exc, BusyError):
         return ErrorInfo(
             exc.status_code, exc.detail, exc.code, exc.field, {"Retry-After": str(exc.retry_after_seconds)}
@@ -95,6 +111,16 @@ def describe_error(exc: Exception) -> ErrorInfo:
         return ErrorInfo(409, "the request conflicts with a change made meanwhile", _CODES[409])
     logger.exception("unhandled error", exc_info=exc)
     return ErrorInfo(500, "internal server error", "internal_error")
+
+
+async def refuse_socket(socket: WebSocket[Any, Any, Any], exc: Exception) -> None:
+    """Refuse a WebSocket for `exc`: accept it, say why in an `error` frame, and close it with a code that tells the
+    kind of failure (browsers cannot read the HTTP status of a refused handshake, but they see the close code)."""
+    info = describe_error(exc)
+    await socket.accept()
+    await socket.send_text(msgspec.json.encode(ErrorFrame(code=info.code, detail=info.detail)).decode())
+    close_code = _SOCKET_CLOSE_CODES.get(info.status_code, 1011)
+    await socket.close(code=close_code, reason=_SOCKET_CLOSE_REASONS.get(close_code, info.code))
 
 
 def _openai_error_type(status_code: int) -> str:

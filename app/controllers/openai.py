@@ -15,6 +15,7 @@ import msgspec
 from litestar import Controller, get, post
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from app.controllers.auth import KEY_REQUIRED
 from app.controllers.openapi import COMPLETION_STREAM_EVENT, openai_error_responses, success_content
 from app.domain.errors import InvalidInputError, ModelUnavailableError, NotFoundError
 from app.domain.openai import (
@@ -134,12 +135,13 @@ async def _chunks(generation: Generation, model: str, include_usage: bool) -> As
 class OpenAIController(Controller):
     path = "/v1"
     tags = ["openai"]
+    security = KEY_REQUIRED
 
     @get(
         "/models",
         operation_id="listModels",
         summary="The model this server serves",
-        responses=openai_error_responses(),
+        responses=openai_error_responses(401),
     )
     async def list_models(self, chat: ChatService) -> ModelList:
         return ModelList(data=[ModelCard(id=served_model_id(chat), created=_STARTED)])
@@ -149,15 +151,17 @@ class OpenAIController(Controller):
         operation_id="createChatCompletion",
         summary="OpenAI-compatible chat completion; with `stream`, server-sent chunks ending in `[DONE]`",
         status_code=200,
-        responses=openai_error_responses(400, 404, 409, 413),
+        responses=openai_error_responses(400, 401, 404, 409, 413),
         operation_class=success_content(("text/event-stream", COMPLETION_STREAM_EVENT), keep_inferred=True),
     )
-    async def create_chat_completion(self, chat: ChatService, data: ChatCompletionRequest) -> ChatCompletion:
+    async def create_chat_completion(
+        self, chat: ChatService, owner: str, data: ChatCompletionRequest
+    ) -> ChatCompletion:
         model = served_model_id(chat)
         if data.model not in (model, chat.model.name):
             raise NotFoundError(f"model {data.model!r} is not served here; this server serves {model!r}", field="model")
         system_prompt, turns = _turns(data)
-        generation = await chat.start_completion(system_prompt, turns, _options(data), data.chipi_session_id)
+        generation = await chat.start_completion(owner, system_prompt, turns, _options(data), data.chipi_session_id)
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
             stream: Any = ServerSentEvent(_chunks(generation, model, include_usage))

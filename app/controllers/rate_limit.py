@@ -1,14 +1,14 @@
 """Per-client rate limits on the API (`CHIPI_RATE_LIMIT` requests per minute; 0: none).
 
-A client is its API key when the request carries `Authorization: Bearer KEY` (a hash of it: the key itself is
-never kept), else its address. Liveness, readiness, metrics, the OpenAPI schema and the web page's files are not
-counted. An HTTP request over the budget gets 429 with `Retry-After` through the error mapper; a WebSocket over it
-is accepted and closed at once with code 4429 and the wait in the reason.
+A client is the API key the request was authenticated with (its id), else its address: the middleware runs after
+authentication, so a key that is made up or sent while authentication is off (OpenAI's clients always send one)
+spends its address's budget rather than getting one of its own. Liveness, readiness, metrics, the OpenAPI schema
+and the web page's files are not counted. An HTTP request over the budget gets 429 with `Retry-After` through the
+error mapper; a WebSocket over it is accepted and closed at once with code 4429 and the wait in the reason.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,7 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 
+from app.domain.auth import Caller
 from app.domain.errors import RateLimitedError
 from app.domain.rate_limit import RateLimiter
 
@@ -32,12 +33,10 @@ def is_rate_limited_path(path: str) -> bool:
 
 
 def client_identity(scope: Scope) -> str:
-    """Whose budget a request spends: `key:<sha256 of the bearer token>`, else `address:<client host>`."""
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"authorization":
-            scheme, _, token = bytes(value).partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return "key:" + hashlib.sha256(token.strip()).hexdigest()
+    """Whose budget a request spends: `key:<id of the key it was authenticated with>`, else `address:<host>`."""
+    caller = scope.get("user")
+    if isinstance(caller, Caller) and caller.key_id is not None:
+        return f"key:{caller.key_id}"
     client = scope.get("client")
     return f"address:{client[0] if client else 'unknown'}"
 

@@ -13,7 +13,7 @@ from litestar.di import Provide
 from litestar.exceptions import WebSocketDisconnect
 
 from app.controllers.conversations import parse_session_id
-from app.controllers.errors import describe_error
+from app.controllers.errors import describe_error, refuse_socket
 from app.db import database_unavailable
 from app.domain.errors import ChipiError
 from app.domain.frames import (
@@ -59,10 +59,12 @@ class ChatSocket:
         socket: WebSocket[Any, Any, Any],
         chat: ChatService,
         voice_chat: VoiceChatService,
+        owner: str,
         conversation_id: UUID,
         heartbeat_seconds: float,
     ) -> None:
         self._socket = socket
+        self._owner = owner
         self._chat = chat
         self._voice_chat = voice_chat
         self._conversation_id = conversation_id
@@ -110,12 +112,12 @@ class ChatSocket:
                 Regenerate(frame.message_id), ReplyOptions(frame.max_tokens, frame.temperature, frame.top_p)
             )
         elif isinstance(frame, StopFrame):
-            await self._chat.stop(self._conversation_id)  # the forwarder then sends `done` (cancelled)
+            await self._chat.stop(self._owner, self._conversation_id)  # the forwarder then sends `done` (cancelled)
         elif isinstance(frame, ResumeFrame):
-            self._forward(*self._chat.watch(self._conversation_id, after=frame.last_seq))
+            self._forward(*self._chat.watch(self._owner, self._conversation_id, after=frame.last_seq))
 
     async def _start(self, request: TurnRequest, options: ReplyOptions, speaker: SentenceSpeaker | None = None) -> None:
-        generation = await self._chat.start_reply(self._conversation_id, request, options)
+        generation = await self._chat.start_reply(self._owner, self._conversation_id, request, options)
         assert generation.user_message is not None  # a reply in a conversation has its stored user message
         await self.send(UserMessageFrame(message=message_out(generation.user_message)))
         self._forward(generation, 0, speaker)
@@ -125,7 +127,12 @@ class ChatSocket:
         speech = self._voice_chat.speech
         voice = await speech.voice(frame.voice) if frame.reply_audio else None  # an unknown voice: error first
         transcript = await self._voice_chat.hear(
-            self._conversation_id, frame.data, language=frame.language, format_hint=frame.format, field="data"
+            self._owner,
+            self._conversation_id,
+            frame.data,
+            language=frame.language,
+            format_hint=frame.format,
+            field="data",
         )
         await self.send(
             TranscriptFrame(text=transcript.text, language=transcript.language, duration=transcript.duration)
@@ -201,17 +208,17 @@ async def chat_socket(
     chat: ChatService,
     voice_chat: VoiceChatService,
     settings: Settings,
+    owner: str,
     conversation_id: UUID,
 ) -> None:
-    """Chat over one socket per conversation; frames are documented in app/domain/frames.py and the README."""
+    """Chat over one socket per conversation; frames are documented in app/domain/frames.py and the README.
+
+    The key (when keys are in use) was checked before this runs (app/controllers/auth.py); another owner's
+    conversation is refused like an unknown one."""
     await socket.accept()
     try:
-        await chat.check_conversation(conversation_id)
+        await chat.check_conversation(owner, conversation_id)
     except Exception as exc:
-        info = describe_error(exc)
-        await socket.send_text(_encode_frame(ErrorFrame(code=info.code, detail=info.detail)).decode())
-        # 4404: no such conversation; 1013 (try again later): e.g. the database is down
-        close_code = {404: 4404, 503: 1013}.get(info.status_code, 1011)
-        await socket.close(code=close_code, reason="conversation not found" if close_code == 4404 else info.code)
+        await refuse_socket(socket, exc)  # 4404: no such conversation; 1013: e.g. the database is down
         return
-    await ChatSocket(socket, chat, voice_chat, conversation_id, settings.ws_heartbeat_seconds).serve()
+    await ChatSocket(socket, chat, voice_chat, owner, conversation_id, settings.ws_heartbeat_seconds).serve()

@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness and metrics: public, no API key needed (no conversation data in them)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from litestar import Controller, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app.controllers.auth import PUBLIC
 from app.domain.schemas import Health, Pong
 from app.observability import render_metrics
 from app.services.readiness import Readiness
@@ -14,6 +15,7 @@ from app.services.readiness import Readiness
 class SystemController(Controller):
     path = "/api"
     tags = ["system"]
+    opt = {PUBLIC: True}
 
     @get("/ping", operation_id="ping", summary="Liveness check: answers as soon as the server accepts connections")
     async def ping(self) -> Pong:
@@ -33,6 +35,7 @@ class SystemController(Controller):
 class MetricsController(Controller):
     path = "/metrics"
     tags = ["system"]
+    opt = {PUBLIC: True}
 
     @get(operation_id="metrics", summary="Prometheus metrics (text exposition format)", media_type=CONTENT_TYPE_LATEST)
     async def metrics(self, readiness: Readiness) -> bytes:

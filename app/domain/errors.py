@@ -20,6 +20,13 @@ class InvalidInputError(ChipiError):
     code = "invalid_input"
 
 
+class UnauthorizedError(ChipiError):
+    """No valid API key while authentication is on: 401 with `WWW-Authenticate: Bearer`."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
 class NotFoundError(ChipiError):
     status_code = 404
     code = "not_found"

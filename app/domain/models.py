@@ -1,13 +1,17 @@
-"""ORM models: a conversation and its messages (a tree through `parent_id`)."""
+"""ORM models: a conversation and its messages (a tree through `parent_id`), and the API keys of owners."""
 
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from uuid import UUID
 
 from advanced_alchemy.base import UUIDv7AuditBase
+from advanced_alchemy.types import DateTimeUTC
 from sqlalchemy import ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
+
+from app.domain.auth import LOCAL_OWNER, MAX_KEY_NAME_CHARS, MAX_OWNER_CHARS
 
 
 class TitleSource(enum.StrEnum):
@@ -32,8 +36,13 @@ class MessageStatus(enum.StrEnum):
 
 class Conversation(UUIDv7AuditBase):
     __tablename__ = "conversation"
-    __table_args__ = (Index("ix_conversation_updated_at", "updated_at"),)
+    __table_args__ = (
+        Index("ix_conversation_updated_at", "updated_at"),
+        Index("ix_conversation_owner_updated_at", "owner", "updated_at"),  # an owner's list, newest first
+    )
 
+    # Whose conversation it is: the owner of the API key that created it (LOCAL_OWNER while authentication is off).
+    owner: Mapped[str] = mapped_column(String(MAX_OWNER_CHARS), default=LOCAL_OWNER, server_default=LOCAL_OWNER)
     title: Mapped[str] = mapped_column(String(255))
     title_source: Mapped[str] = mapped_column(String(16), default=TitleSource.DEFAULT.value)
     system_prompt: Mapped[str | None] = mapped_column(Text, default=None)
@@ -54,3 +63,15 @@ class Message(UUIDv7AuditBase):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     finish_reason: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class ApiKey(UUIDv7AuditBase):
+    """An owner's API key; only its SHA-256 is stored. A revoked key stays (so authentication stays on)."""
+
+    __tablename__ = "api_key"
+
+    owner: Mapped[str] = mapped_column(String(MAX_OWNER_CHARS), index=True)
+    name: Mapped[str | None] = mapped_column(String(MAX_KEY_NAME_CHARS), default=None)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the key's first characters, to tell keys apart in a list
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTimeUTC(timezone=True), default=None)

@@ -45,28 +45,38 @@ def _fts5_string(term: str) -> str:
 class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
     model_type = Conversation
 
-    async def list_recent(self, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
-        """A page of conversations, most recently updated first, and the total count."""
+    async def get_owned(self, owner: str, conversation_id: UUID) -> Conversation | None:
+        """The conversation if it exists and belongs to `owner`; another owner's is as absent as an unknown one."""
+        return await self.get_one_or_none(id=conversation_id, owner=owner)
+
+    async def list_recent(self, owner: str, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
+        """A page of the owner's conversations, most recently updated first, and their total count."""
         return await self.list_and_count(
             LimitOffset(limit=limit, offset=offset),
+            Conversation.owner == owner,
             order_by=[(Conversation.updated_at, True), (Conversation.id, True)],
         )
 
-    async def search(self, terms: list[str], *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
-        """A page of the conversations whose title or messages contain every term, best match first, and the
-        total count. SQLite ranks with FTS5's bm25, PostgreSQL with ts_rank (English stemming on both)."""
+    async def search(
+        self, owner: str, terms: list[str], *, limit: int, offset: int
+    ) -> tuple[Sequence[Conversation], int]:
+        """A page of the owner's conversations whose title or messages contain every term, best match first, and
+        the total count. SQLite ranks with FTS5's bm25, PostgreSQL with ts_rank (English stemming on both)."""
         if not terms:
             return [], 0
         hits = self._search_hits(terms)
-        page = (
-            select(Conversation)
+        owned_hits = (
+            select(Conversation, hits.c.score)
             .join(hits, hits.c.conversation_id == Conversation.id)
-            .order_by(hits.c.score, Conversation.updated_at.desc(), Conversation.id.desc())
+            .where(Conversation.owner == owner)
+        )
+        page = (
+            owned_hits.order_by(hits.c.score, Conversation.updated_at.desc(), Conversation.id.desc())
             .limit(limit)
             .offset(offset)
         )
         conversations = (await self.session.execute(page)).scalars().all()
-        total = await self.session.scalar(select(func.count()).select_from(hits))
+        total = await self.session.scalar(select(func.count()).select_from(owned_hits.subquery()))
         return conversations, int(total or 0)
 
     def _search_hits(self, terms: list[str]) -> Subquery:
@@ -93,9 +103,10 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def page_after(self, after: UUID | None, size: int) -> Sequence[Conversation]:
-        """Up to `size` conversations in id (creation) order after `after`: keyset pages for a bulk export."""
-        query = select(Conversation).order_by(Conversation.id).limit(size)
+    async def page_after(self, owner: str, after: UUID | None, size: int) -> Sequence[Conversation]:
+        """Up to `size` of the owner's conversations in id (creation) order after `after`: keyset pages for a bulk
+        export."""
+        query = select(Conversation).where(Conversation.owner == owner).order_by(Conversation.id).limit(size)
         if after is not None:
             query = query.where(Conversation.id > after)
         return (await self.session.execute(query)).scalars().all()

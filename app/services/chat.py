@@ -4,6 +4,10 @@ A reply is a `Generation`. It belongs to the service, not to the request that st
 holds a request's database session open, and a dropped connection is not a stop: its events are kept in order,
 any number of clients follow them (a reconnecting one resumes after the last event it saw), and only when nobody
 has followed it for the grace period is the model stopped and the partial reply kept as cancelled.
+
+Every call names the `owner` it acts for. A conversation of another owner is unknown to it (404), whether a reply
+runs there or not: its ownership is checked in the database before anything about a running reply is revealed,
+and a reply remembers its owner for those who come back to it.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class Generation:
 
     def __init__(
         self,
+        owner: str,
         conversation_id: UUID | None,
         user_message: Message | None,
         reply: Message | None,
@@ -90,6 +95,7 @@ class Generation:
         *,
         resumable: bool = True,
     ) -> None:
+        self.owner = owner
         self.conversation_id = conversation_id
         self.user_message = user_message
         self.reply = reply
@@ -249,21 +255,28 @@ class ChatService:
         finally:
             self._waiting -= 1
 
-    async def start_reply(self, conversation_id: UUID, request: TurnRequest, options: ReplyOptions) -> Generation:
+    async def start_reply(
+        self, owner: str, conversation_id: UUID, request: TurnRequest, options: ReplyOptions
+    ) -> Generation:
         """Store the turn's user message and start generating the reply from the active branch's history."""
         request = self._checked(request)
         params = self._params(options)
 
         async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
-            turn = await conversations.plan_turn(conversation_id, request)
+            turn = await conversations.plan_turn(owner, conversation_id, request)
             turn.check_size(self.limits)
             prompt = self._prompt_for(turn, params, options)
             return prompt, *await conversations.store_turn(turn)
 
-        return await self._launch(conversation_id, prepare, params, options)
+        return await self._launch(owner, conversation_id, prepare, params, options)
 
     async def start_completion(
-        self, system_prompt: str | None, turns: list[ChatTurn], options: ReplyOptions, store_in: UUID | None
+        self,
+        owner: str,
+        system_prompt: str | None,
+        turns: list[ChatTurn],
+        options: ReplyOptions,
+        store_in: UUID | None,
     ) -> Generation:
         """A reply to the given turns (the OpenAI API is stateless); with `store_in`, the last user message and
         the reply are also stored in that conversation."""
@@ -276,24 +289,26 @@ class ChatService:
         prompt = self.model.build_prompt(system_prompt, turns, params.max_new_tokens, thinking=options.thinking)
         if store_in is None:
             await self._take_slot()
-            generation = Generation(None, None, None, self._settings.disconnect_grace_seconds, resumable=False)
+            generation = Generation(owner, None, None, None, self._settings.disconnect_grace_seconds, resumable=False)
             return self._spawn(generation, prompt, params, options)
 
         async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
-            turn = await conversations.plan_turn(store_in, NewMessage(content))
+            turn = await conversations.plan_turn(owner, store_in, NewMessage(content))
             turn.check_size(self.limits)
             return prompt, *await conversations.store_turn(turn)
 
-        return await self._launch(store_in, prepare, params, options)
+        return await self._launch(owner, store_in, prepare, params, options)
 
     async def _launch(
         self,
+        owner: str,
         conversation_id: UUID,
         prepare: Callable[[ConversationService], Awaitable[tuple[Prompt, Message, Message]]],
         params: GenerationParams,
         options: ReplyOptions,
     ) -> Generation:
         """Reserve the conversation (409 if busy) and a slot, store the turn with `prepare`, start generating."""
+        await self.check_conversation(owner, conversation_id)  # another owner's conversation: 404, never 409
         if conversation_id in self._running:
             raise ConflictError("a reply is already being generated in this conversation", field="session_id")
         self._running[conversation_id] = None
@@ -308,7 +323,7 @@ class ChatService:
             if slot_taken:
                 self._slots.release()
             raise
-        generation = Generation(conversation_id, user_message, reply, self._settings.disconnect_grace_seconds)
+        generation = Generation(owner, conversation_id, user_message, reply, self._settings.disconnect_grace_seconds)
         self._running[conversation_id] = generation
         self._recent.pop(conversation_id, None)
         return self._spawn(generation, prompt, params, options)
@@ -331,10 +346,10 @@ class ChatService:
         )
 
     async def reply(
-        self, conversation_id: UUID, request: TurnRequest, options: ReplyOptions
+        self, owner: str, conversation_id: UUID, request: TurnRequest, options: ReplyOptions
     ) -> tuple[Message, Message]:
         """Store the turn, generate the whole reply, and return the user message and the reply as stored."""
-        generation = await self.start_reply(conversation_id, request, options)
+        generation = await self.start_reply(owner, conversation_id, request, options)
         async for _ in generation.follow():  # following (not just waiting) keeps the grace timer off
             pass
         assert generation.user_message is not None and generation.reply is not None  # a conversation's reply
@@ -343,38 +358,46 @@ class ChatService:
         return generation.user_message, reply
 
     async def open_stream(
-        self, conversation_id: UUID, prompt: str | None, options: ReplyOptions, last_event_id: str | None
+        self,
+        owner: str,
+        conversation_id: UUID,
+        prompt: str | None,
+        options: ReplyOptions,
+        last_event_id: str | None,
     ) -> tuple[Generation, int]:
         """What an SSE client gets: a resumed reply (Last-Event-ID), the running one (no prompt), or a new one."""
         if last_event_id:
             reply_id, _, seq = last_event_id.rpartition(":")
             if not seq.isdigit():
                 raise InvalidInputError("Last-Event-ID must be an id this stream sent", field="Last-Event-ID")
-            return self.watch(conversation_id, after=int(seq), reply_id=reply_id)
+            return self.watch(owner, conversation_id, after=int(seq), reply_id=reply_id)
         if prompt is None and conversation_id in self._running:
-            return self.watch(conversation_id)
-        return await self.start_reply(conversation_id, NewMessage(prompt or ""), options), 0
+            return self.watch(owner, conversation_id)
+        return await self.start_reply(owner, conversation_id, NewMessage(prompt or ""), options), 0
 
-    async def check_conversation(self, conversation_id: UUID) -> None:
-        """Raise NotFoundError unless the conversation exists."""
+    async def check_conversation(self, owner: str, conversation_id: UUID) -> None:
+        """Raise NotFoundError unless the conversation exists and belongs to `owner`."""
         async with ConversationService.new(config=self._db_config) as conversations:
-            await conversations.get_conversation(conversation_id)
+            await conversations.get_conversation(owner, conversation_id)
 
-    def watch(self, conversation_id: UUID, *, after: int = 0, reply_id: str | None = None) -> tuple[Generation, int]:
-        """The reply running in a conversation (or just finished), and where a client resumes following it.
+    def watch(
+        self, owner: str, conversation_id: UUID, *, after: int = 0, reply_id: str | None = None
+    ) -> tuple[Generation, int]:
+        """The owner's reply running in a conversation (or just finished), and where a client resumes following it.
 
         A client that saw events up to `after` (SSE's Last-Event-ID, the WebSocket's `resume`) gets every later
         event exactly once; `reply_id`, when given, must name that reply.
         """
         generation = self._running.get(conversation_id) or self._recent.get(conversation_id)
-        if generation is None or (reply_id is not None and reply_id != generation.id):
+        if generation is None or generation.owner != owner or (reply_id is not None and reply_id != generation.id):
             raise NotFoundError(
                 "no reply is streaming here any more; read it from the conversation", field="session_id"
             )
         return generation, max(0, after)
 
-    async def stop(self, conversation_id: UUID) -> Message | None:
+    async def stop(self, owner: str, conversation_id: UUID) -> Message | None:
         """Stop the running reply and wait until it is stored as cancelled; None when nothing was running."""
+        await self.check_conversation(owner, conversation_id)
         generation = self._running.get(conversation_id)
         if generation is None:
             return None
@@ -382,12 +405,15 @@ class ChatService:
         await generation.finished.wait()
         return generation.reply
 
-    async def switch_branch(self, conversation_id: UUID, message_id: UUID) -> tuple[Conversation, list[Message]]:
+    async def switch_branch(
+        self, owner: str, conversation_id: UUID, message_id: UUID
+    ) -> tuple[Conversation, list[Message]]:
         """Make another branch active; refused while a reply is being generated on the current one."""
+        await self.check_conversation(owner, conversation_id)
         if conversation_id in self._running:
             raise ConflictError("wait for the running reply (or stop it) before switching branches")
         async with ConversationService.new(config=self._db_config) as conversations:
-            return await conversations.switch_branch(conversation_id, message_id)
+            return await conversations.switch_branch(owner, conversation_id, message_id)
 
     async def _generate(
         self, generation: Generation, prompt: Prompt, params: GenerationParams, stop: tuple[str, ...]

@@ -1,4 +1,8 @@
-"""ConversationService: the rules for conversations and their message trees, over one database session."""
+"""ConversationService: the rules for conversations and their message trees, over one database session.
+
+Every method that takes an `owner` reads or changes only that owner's conversations: another owner's conversation
+is as absent as an unknown one (NotFoundError, a 404). The others act by id on behalf of a reply already admitted.
+"""
 
 from __future__ import annotations
 
@@ -99,10 +103,13 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         super().__init__(**kwargs)
         self.messages = MessageRepository(session=self.repository.session, auto_commit=False)
 
-    async def start_conversation(self, *, title: str | None, system_prompt: str | None, model: str) -> Conversation:
-        """A new, empty conversation; a given title is manual and never replaced by an automatic one."""
+    async def start_conversation(
+        self, owner: str, *, title: str | None, system_prompt: str | None, model: str
+    ) -> Conversation:
+        """A new, empty conversation of `owner`; a given title is manual and never replaced by an automatic one."""
         return await self.create(
             Conversation(
+                owner=owner,
                 title=title or DEFAULT_TITLE,
                 title_source=(TitleSource.MANUAL if title else TitleSource.DEFAULT).value,
                 system_prompt=system_prompt or None,
@@ -111,14 +118,13 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             auto_commit=True,
         )
 
-    async def list_recent(self, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
-        return await self.repository.list_recent(limit=limit, offset=offset)
-
-    async def list_conversations(self, q: str | None, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
-        """The newest conversations, or with a (non-blank) `q` those matching it, best match first."""
+    async def list_conversations(
+        self, owner: str, q: str | None, *, limit: int, offset: int
+    ) -> tuple[Sequence[Conversation], int]:
+        """The owner's newest conversations, or with a (non-blank) `q` those matching it, best match first."""
         if q is None or not q.strip():
-            return await self.repository.list_recent(limit=limit, offset=offset)
-        return await self.repository.search(search_terms(q), limit=limit, offset=offset)
+            return await self.repository.list_recent(owner, limit=limit, offset=offset)
+        return await self.repository.search(owner, search_terms(q), limit=limit, offset=offset)
 
     async def set_model_title(self, conversation_id: UUID, title: str) -> bool:
         """Store the model's title unless the user has named the conversation; True if it was stored."""
@@ -126,9 +132,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         await self.repository.session.commit()
         return stored
 
-    async def export_file(self, conversation_id: UUID, export_format: ExportFormat) -> ExportedFile:
+    async def export_file(self, owner: str, conversation_id: UUID, export_format: ExportFormat) -> ExportedFile:
         """The conversation as a lossless JSON export (the whole tree) or as Markdown (the active branch)."""
-        conversation, messages = await self.get_with_messages(conversation_id, tree=True)
+        conversation, messages = await self.get_with_messages(owner, conversation_id, tree=True)
         if export_format == "markdown":
             branch = active_path(messages, conversation.active_message_id)
             content = render_markdown(conversation, branch).encode()
@@ -137,15 +143,16 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         return ExportedFile(content, "application/json", f"chipi-{conversation_id}.json")
 
     async def import_conversation(
-        self, export: ConversationExport, *, max_title_chars: int, limits: ConversationLimits
+        self, owner: str, export: ConversationExport, *, max_title_chars: int, limits: ConversationLimits
     ) -> Conversation:
-        """Recreate an exported conversation under new ids (the conversation's and every message's), so importing
-        the same export twice gives two independent copies. Timestamps, statuses and the tree are kept. An export
-        larger than a conversation may be is a 413."""
+        """Recreate an exported conversation as `owner`'s, under new ids (the conversation's and every message's),
+        so importing the same export twice gives two independent copies. Timestamps, statuses and the tree are
+        kept. An export larger than a conversation may be is a 413."""
         ordered = import_order(export, max_title_chars=max_title_chars)
         limits.check(len(ordered), stored_chars(ordered), field="messages")
         new_ids = {message.id: uuid7() for message in ordered}  # time-ordered like every id, parents first
         conversation = Conversation(
+            owner=owner,
             title=export.title,
             title_source=export.title_source,
             system_prompt=export.system_prompt,
@@ -175,9 +182,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         await self.repository.session.commit()
         return conversation
 
-    async def export_batch(self, after: UUID | None, size: int) -> list[ConversationExport]:
-        """Up to `size` conversations after `after` in creation order, each with its whole message tree."""
-        conversations = await self.repository.page_after(after, size)
+    async def export_batch(self, owner: str, after: UUID | None, size: int) -> list[ConversationExport]:
+        """Up to `size` of the owner's conversations after `after` in creation order, each with its whole tree."""
+        conversations = await self.repository.page_after(owner, after, size)
         if not conversations:
             return []
         messages = await self.messages.list_for_conversations([conversation.id for conversation in conversations])
@@ -187,46 +194,50 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         return [export_conversation(c, by_conversation[c.id]) for c in conversations]
 
     @classmethod
-    async def export_all_ndjson(cls, engine: AsyncEngine) -> AsyncIterator[bytes]:
-        """Every conversation as one JSON export per line, read in small batches, each in a short session of its
-        own, so neither the whole export nor a database session is held while the response streams."""
+    async def export_all_ndjson(cls, engine: AsyncEngine, owner: str) -> AsyncIterator[bytes]:
+        """Every conversation of `owner` as one JSON export per line, read in small batches, each in a short
+        session of its own, so neither the whole export nor a database session is held while the response
+        streams."""
         after: UUID | None = None
         while True:
             async with AsyncSession(engine, expire_on_commit=False) as session:
-                batch = await cls(session=session).export_batch(after, EXPORT_BATCH)
+                batch = await cls(session=session).export_batch(owner, after, EXPORT_BATCH)
             if not batch:
                 return
             for export in batch:
                 yield msgspec.json.encode(export) + b"\n"
             after = batch[-1].session_id
 
-    async def get_conversation(self, conversation_id: UUID) -> Conversation:
-        conversation = await self.repository.get_one_or_none(id=conversation_id)
+    async def get_conversation(self, owner: str, conversation_id: UUID) -> Conversation:
+        """The owner's conversation; NotFoundError for an unknown id and for another owner's alike."""
+        conversation = await self.repository.get_owned(owner, conversation_id)
         if conversation is None:
             raise NotFoundError(f"conversation {conversation_id} not found", field="session_id")
         return conversation
 
     async def get_with_messages(
-        self, conversation_id: UUID, *, tree: bool = False
+        self, owner: str, conversation_id: UUID, *, tree: bool = False
     ) -> tuple[Conversation, list[Message]]:
         """A conversation and its active branch (or, with `tree`, every message of every branch), oldest first."""
-        conversation = await self.get_conversation(conversation_id)
+        conversation = await self.get_conversation(owner, conversation_id)
         messages = await self.messages.list_for_conversation(conversation_id)
         return conversation, list(messages) if tree else active_path(messages, conversation.active_message_id)
 
-    async def rename(self, conversation_id: UUID, title: str) -> Conversation:
-        conversation = await self.get_conversation(conversation_id)
+    async def rename(self, owner: str, conversation_id: UUID, title: str) -> Conversation:
+        conversation = await self.get_conversation(owner, conversation_id)
         conversation.title = title
         conversation.title_source = TitleSource.MANUAL.value
         return await self.update(conversation, auto_commit=True)
 
-    async def delete_conversation(self, conversation_id: UUID) -> None:
-        await self.get_conversation(conversation_id)
+    async def delete_conversation(self, owner: str, conversation_id: UUID) -> None:
+        await self.get_conversation(owner, conversation_id)
         await self.delete(conversation_id, auto_commit=True)
 
-    async def switch_branch(self, conversation_id: UUID, message_id: UUID) -> tuple[Conversation, list[Message]]:
+    async def switch_branch(
+        self, owner: str, conversation_id: UUID, message_id: UUID
+    ) -> tuple[Conversation, list[Message]]:
         """Make the branch through `message_id` active (down to its newest leaf) and return it."""
-        conversation = await self.get_conversation(conversation_id)
+        conversation = await self.get_conversation(owner, conversation_id)
         messages = await self.messages.list_for_conversation(conversation_id)
         by_id = {message.id: message for message in messages}
         if message_id not in by_id:
@@ -236,9 +247,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         await self.repository.session.commit()
         return conversation, path_to(by_id, leaf)
 
-    async def plan_turn(self, conversation_id: UUID, request: TurnRequest) -> PlannedTurn:
-        """Work out where a turn goes in the message tree; nothing is written yet."""
-        conversation = await self.get_conversation(conversation_id)
+    async def plan_turn(self, owner: str, conversation_id: UUID, request: TurnRequest) -> PlannedTurn:
+        """Work out where a turn goes in the owner's conversation's message tree; nothing is written yet."""
+        conversation = await self.get_conversation(owner, conversation_id)
         messages = await self.messages.list_for_conversation(conversation_id)
         size = len(messages), stored_chars(messages)
         by_id = {message.id: message for message in messages}

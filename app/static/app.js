@@ -23,6 +23,9 @@
     messages: $("messages"),
     welcome: $("welcome"),
     banner: $("banner"),
+    keyForm: $("key-form"),
+    keyPrompt: $("key-prompt"),
+    keyInput: $("key-input"),
     composer: $("composer"),
     input: $("input"),
     mic: $("mic"),
@@ -210,6 +213,42 @@
     return out.join("");
   }
 
+  // ---------------------------------------------------------------- API key (only once the server has keys)
+
+  // A server without keys never asks; one with keys answers 401 (a socket closes with 4401), and the page asks for
+  // a key once, keeps it in this browser's localStorage and sends it with every request.
+  const KEY_STORAGE = "chipi.apiKey";
+
+  function apiKey() {
+    try {
+      return localStorage.getItem(KEY_STORAGE) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function askForKey() {
+    if (!ui.keyForm.hidden) return;
+    ui.keyPrompt.textContent = apiKey()
+      ? "The server refused the saved API key. Paste a valid one:"
+      : "This Chipi needs an API key (from chipi keys create):";
+    ui.keyForm.hidden = false;
+    ui.keyInput.focus();
+  }
+
+  function saveKey(event) {
+    event.preventDefault();
+    const key = ui.keyInput.value.trim();
+    if (!key) return;
+    localStorage.setItem(KEY_STORAGE, key);
+    ui.keyInput.value = "";
+    ui.keyForm.hidden = true;
+    hideBanner();
+    loadList();
+    detectVoice();
+    routeFromLocation();
+  }
+
   // ---------------------------------------------------------------- HTTP API
 
   class ApiError extends Error {
@@ -221,6 +260,8 @@
 
   async function api(method, path, body) {
     const init = { method, headers: { Accept: "application/json" } };
+    const key = apiKey();
+    if (key) init.headers.Authorization = `Bearer ${key}`;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -228,6 +269,7 @@
     const response = await fetch(path, init);
     const isJson = (response.headers.get("content-type") || "").includes("json");
     const data = isJson ? await response.json() : null;
+    if (response.status === 401) askForKey();
     if (!response.ok) throw new ApiError(response.status, (data && data.detail) || response.statusText);
     return data;
   }
@@ -289,7 +331,7 @@
       state.conversations = data.conversations;
       renderList();
     } catch (error) {
-      showBanner(`Could not load conversations: ${error.message}`);
+      if (error.status !== 401) showBanner(`Could not load conversations: ${error.message}`);
     }
   }
 
@@ -350,6 +392,7 @@
       if (request !== state.openRequest) return; // another conversation was opened meanwhile
     } catch (error) {
       if (request !== state.openRequest) return;
+      if (error.status === 401) return; // the key form is showing; saving a key opens it again
       showConversation(null, []);
       history.replaceState(null, "", location.pathname);
       showBanner(error.status === 404 ? "That conversation no longer exists." : `Could not open it: ${error.message}`);
@@ -653,7 +696,7 @@
         playPiece(frame);
         break;
       case "error":
-        onError(frame);
+        if (frame.code !== "unauthorized") onError(frame); // the socket closes with 4401 next: the key form shows
         break;
       default: // heartbeat, audio_done
         break;
@@ -666,7 +709,10 @@
     if (!state.current) return;
     const id = state.current.session_id;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}/api/conversations/${encodeURIComponent(id)}/ws`);
+    // Browsers cannot set headers on a WebSocket: the key goes in the query (never in the server's access log).
+    const key = apiKey();
+    const query = key ? `?api_key=${encodeURIComponent(key)}` : "";
+    const socket = new WebSocket(`${scheme}://${location.host}/api/conversations/${encodeURIComponent(id)}/ws${query}`);
     state.socket = socket;
     socket.addEventListener("open", () => {
       if (state.socket !== socket) return;
@@ -684,6 +730,11 @@
     socket.addEventListener("close", (event) => {
       if (state.socket !== socket) return;
       state.socket = null;
+      if (event.code === 4401) {
+        setConnection("");
+        askForKey(); // saving a key reopens the conversation and its socket
+        return;
+      }
       if (event.code === 4404) {
         showBanner("This conversation no longer exists.");
         showConversation(null, []);
@@ -940,6 +991,7 @@
     if (event.key === "Escape") endRename();
   });
   ui.remove.addEventListener("click", deleteConversation);
+  ui.keyForm.addEventListener("submit", saveKey);
   ui.menu.addEventListener("click", () => setSidebar(!ui.layout.classList.contains("sidebar-open")));
   ui.scrim.addEventListener("click", () => setSidebar(false));
   window.addEventListener("popstate", routeFromLocation);

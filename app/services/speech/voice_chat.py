@@ -29,10 +29,17 @@ class VoiceChatService:
         self.speech = speech
 
     async def hear(
-        self, conversation_id: UUID, audio: bytes, *, language: str | None, format_hint: str | None, field: str
+        self,
+        owner: str,
+        conversation_id: UUID,
+        audio: bytes,
+        *,
+        language: str | None,
+        format_hint: str | None,
+        field: str,
     ) -> Transcription:
         """The recording's transcript, which becomes the user's message; hearing no words is a 400."""
-        await self.chat.check_conversation(conversation_id)  # a 404 before whisper spends any time
+        await self.chat.check_conversation(owner, conversation_id)  # a 404 before whisper spends any time
         request = TranscriptionRequest(language=language, format_hint=format_hint)
         transcript = await self.speech.transcribe(audio, request, field=field)
         if not transcript.text:
@@ -41,6 +48,7 @@ class VoiceChatService:
 
     async def reply(
         self,
+        owner: str,
         conversation_id: UUID,
         audio: bytes,
         options: ReplyOptions,
@@ -51,7 +59,7 @@ class VoiceChatService:
     ) -> VoiceTurn:
         """Transcribe, store the transcript as the user's message, generate the whole reply, and speak it if asked."""
         piper_voice = await self.speech.voice(voice) if reply_audio else None  # an unknown voice: 404 before anything
-        transcript = await self.hear(conversation_id, audio, language=language, format_hint=None, field="file")
-        user_message, reply = await self.chat.reply(conversation_id, NewMessage(transcript.text), options)
+        transcript = await self.hear(owner, conversation_id, audio, language=language, format_hint=None, field="file")
+        user_message, reply = await self.chat.reply(owner, conversation_id, NewMessage(transcript.text), options)
         wav = await self.speech.speak(reply.content, piper_voice) if piper_voice else None
         return VoiceTurn(transcript, user_message, reply, wav)
