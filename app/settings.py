@@ -81,6 +81,13 @@ def _env_name(name: str, default: str) -> str:
     return value
 
 
+def _env_quantize() -> str:
+    quantize = _env_choice("CHIPI_QUANTIZE", "none", ("none", "int8"))
+    if quantize == "int8" and _env("CHIPI_DTYPE", "auto") != "float32":
+        raise SettingsError("CHIPI_QUANTIZE=int8 quantizes float32 weights: set CHIPI_DTYPE=float32 too")
+    return quantize
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob Chipi has; the README documents each one with its default."""
@@ -91,6 +98,7 @@ class Settings:
     model: str
     device: str
     dtype: str
+    quantize: str
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -154,6 +162,7 @@ class Settings:
             model=_env("CHIPI_MODEL", DEFAULT_MODEL_DIR),
             device=_env("CHIPI_DEVICE", "auto"),
             dtype=_env_choice("CHIPI_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
+            quantize=_env_quantize(),
             max_new_tokens=_env_int("CHIPI_MAX_NEW_TOKENS", 512, minimum=1),
             temperature=_env_float("CHIPI_TEMPERATURE", 0.2),
             top_p=_env_float("CHIPI_TOP_P", 0.9),

@@ -1,11 +1,12 @@
-"""Answer quality per precision: greedy replies to a fixed prompt set, compared with float32's.
+"""Answer quality per precision and quantization: greedy replies to a fixed prompt set, compared with float32's.
 
-    python -m bench.quality [--dtypes float32,bfloat16,float16] [--max-tokens 128]
+    python -m bench.quality [--variants float32,int8,bfloat16,float16] [--max-tokens 128]
 
-For each precision (CHIPI_DTYPE) it loads the model, answers every prompt greedily through the same engine the
-server uses, and prints, next to float32's answer: how many leading tokens agree, and how repetitive the answer is
-(the share of its 4-grams that are repeats; a degenerate loop like "1.1.1.1" scores near 1). The replies themselves
-go to `--out` (default artifacts/quality.md) so a person can read them side by side.
+For each variant (a CHIPI_DTYPE, or `int8`: float32 weights with CHIPI_QUANTIZE=int8) it loads the model, answers
+every prompt greedily through the same engine the server uses, and prints, next to unquantized float32's answer: how
+many leading tokens agree, and how repetitive the answer is (the share of its 4-grams that are repeats; a degenerate
+loop like "1.1.1.1" scores near 1). The replies themselves go to `--out` (default artifacts/quality.md) so a person
+can read them side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from pathlib import Path
 from app.assets import ensure_default_model
 from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, TextDelta
 from app.settings import Settings
+
+# Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE); the first is the reference.
+VARIANTS = {
+    "float32": ("float32", "none"),
+    "int8": ("float32", "int8"),
+    "bfloat16": ("bfloat16", "none"),
+    "float16": ("float16", "none"),
+}
 
 PROMPTS = [
     "Give me three tips for sleeping better.",
@@ -68,34 +77,38 @@ async def answers(settings: Settings, max_tokens: int) -> list[tuple[str, list[i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("artifacts/quality.md"))
     args = parser.parse_args()
     settings = Settings.from_env()
     ensure_default_model(settings)
-    dtypes = args.dtypes.split(",")
-    if dtypes[0] != "float32":
-        dtypes.insert(0, "float32")
-    results = {
-        dtype: asyncio.run(answers(dataclasses.replace(settings, dtype=dtype, prefix_cache_mb=0), args.max_tokens))
-        for dtype in dtypes
-    }
+    variants = ["float32", *[name for name in args.variants.split(",") if name != "float32"]]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    results = {}
+    for name in variants:
+        dtype, quantize = VARIANTS[name]
+        variant = dataclasses.replace(settings, dtype=dtype, quantize=quantize, prefix_cache_mb=0)
+        results[name] = asyncio.run(answers(variant, args.max_tokens))
     reference = results["float32"]
-    print(f"\nGreedy answers, up to {args.max_tokens} tokens: tokens agreeing with float32 / repeated 4-grams")
-    print(f"  {'prompt':42}" + "".join(f"  {dtype:>14}" for dtype in dtypes))
+    print(
+        f"\nGreedy answers, up to {args.max_tokens} tokens: tokens agreeing with unquantized float32 / repeated 4-grams"
+    )
+    print(f"  {'prompt':42}" + "".join(f"  {name:>14}" for name in variants))
     for index, text in enumerate(PROMPTS):
         cells = ""
-        for dtype in dtypes:
-            _, ids = results[dtype][index]
+        for name in variants:
+            _, ids = results[name][index]
             cells += f"  {common_prefix(ids, reference[index][1]):>4}/{len(ids):<4} {repeated_share(ids):>4.0%}"
         print(f"  {text[:42]:42}{cells}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as out:
         for index, text in enumerate(PROMPTS):
             out.write(f"## {text}\n\n")
-            for dtype in dtypes:
-                out.write(f"**{dtype}**\n\n{results[dtype][index][0].strip()}\n\n")
+            for name in variants:
+                out.write(f"**{name}**\n\n{results[name][index][0].strip()}\n\n")
     print(f"  the answers: {args.out}")
 
 

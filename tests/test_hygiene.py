@@ -51,6 +51,14 @@ def test_a_speech_model_setting_that_is_a_path_is_refused(variable: str, monkeyp
         Settings.from_env()
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float16"])
+def test_int8_quantization_needs_float32_weights(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHIPI_QUANTIZE", "int8")
+    monkeypatch.setenv("CHIPI_DTYPE", dtype)
+    with pytest.raises(SettingsError, match="CHIPI_DTYPE=float32"):
+        Settings.from_env()
+
+
 def test_a_title_limit_beyond_the_title_column_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHIPI_MAX_TITLE_CHARS", "256")
     with pytest.raises(SettingsError, match="at most 255"):
