@@ -4,9 +4,8 @@
 
 Every figure that compares is measured side by side in this run, so the ratios hold on a noisy machine:
 - single-stream decode tokens/s through the SSE endpoint, next to the same engine in-process (ModelService.stream in
-  this process), next to that engine in float32 (CHIPI_DTYPE=float32, no quantization), and next to llama.cpp
-  on the very GGUF file the default model comes from when llama-cpp-python is installed (`pip install
-  llama-cpp-python`; it is not a dependency of Chipi);
+  this process), and next to llama.cpp on the very GGUF file the default model comes from when llama-cpp-python is
+  installed (`pip install llama-cpp-python`; it is not a dependency of Chipi);
 - time to first token through the API: a short prompt, a message of about 1,500 tokens, and turns 1 and 10 of one
   growing conversation;
 - aggregate tokens/s for 1, 4 and 8 concurrent streams;
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import statistics
 import tempfile
@@ -191,25 +189,20 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc")
 
 
-async def api_rows(
-    server: ChipiServer, model: ModelService, float32: ModelService, args: argparse.Namespace
-) -> list[tuple[str, str]]:
+async def api_rows(server: ChipiServer, model: ModelService, args: argparse.Namespace) -> list[tuple[str, str]]:
     prompt = model.build_prompt(None, [ChatTurn("user", PROMPT)], args.max_tokens)
     long_message = " ".join([LONG_PARAGRAPH] * 40)  # about 1,500 tokens with the chat template
     long_tokens = len(model.build_prompt(None, [ChatTurn("user", long_message)], args.max_tokens).token_ids)
     async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
         await sse_reply(client, PROMPT)  # warm-up, both sides
         await in_process_reply(model, prompt, 8)
-        await in_process_reply(float32, prompt, 8)
-        sse, local, unquantized, short_ttft, long_ttft = [], [], [], [], []
+        sse, local, short_ttft, long_ttft = [], [], [], []
         for run in range(args.runs):  # interleaved, so that machine noise hits both alike
             reply = await sse_reply(client, PROMPT)
             sse.append(reply.tokens / reply.seconds)
             short_ttft.append(reply.first_token_seconds)
             tokens, seconds = await in_process_reply(model, prompt, args.max_tokens)
             local.append(tokens / seconds)
-            tokens, seconds = await in_process_reply(float32, prompt, args.max_tokens)
-            unquantized.append(tokens / seconds)
             # A new opening each time, so that no earlier reply's keys and values help.
             reply = await sse_reply(client, f"Run {run}. {long_message}", stop_after_first=True)
             long_ttft.append(reply.first_token_seconds)
@@ -219,8 +212,6 @@ async def api_rows(
         ("single stream, SSE endpoint: tokens/s", f"{sse_rate:.1f}"),
         ("single stream, same engine in-process: tokens/s", f"{local_rate:.1f}"),
         ("  SSE / in-process", f"{sse_rate / local_rate:.2f}x"),
-        ("same engine, float32 (CHIPI_DTYPE=float32): tokens/s", f"{statistics.median(unquantized):.1f}"),
-        ("  in-process / float32", f"{local_rate / statistics.median(unquantized):.2f}x"),
     ]
     llama = llama_cpp_rate(prompt, args.max_tokens, args.runs)
     if llama is None:
@@ -266,12 +257,10 @@ def main() -> None:
         rows.append(("process start to ready (models converted)", f"{time.perf_counter() - started:.1f} s"))
         try:
             model = ModelService.load(settings)
-            float32 = ModelService.load(dataclasses.replace(settings, dtype="float32", quantize="none"))
             try:
-                rows += asyncio.run(api_rows(server, model, float32, args))
+                rows += asyncio.run(api_rows(server, model, args))
             finally:
                 model.close()
-                float32.close()
             assert server.process is not None
             rows.append(
                 ("server peak resident memory (LLM, whisper, voice)", f"{peak_rss_mb(server.process.pid):.0f} MB")

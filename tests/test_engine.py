@@ -131,8 +131,9 @@ async def test_a_lone_greedy_reply_is_plain_generate_token_for_token(service: Mo
     await finished
     assert got == expected
 
-    # Again without the prefix cache, so the prompt is read exactly as the first time: under float16 on the CPU a
-    # prompt read partly from the cache rounds differently and may part from the first reply after dozens of tokens.
+    # Again without the prefix cache, so the prompt is read exactly as the first time: under CHIPI_DTYPE=float16 on
+    # the CPU, a prompt read partly from the cache rounds differently and may part from the first reply after dozens
+    # of tokens.
     uncached = ModelService(service.model, service.tokenizer, name=service.name, context_window=service.context_window)
     try:
         streamed = await reply(uncached, the_prompt, GenerationParams(64, 0.0, 1.0))

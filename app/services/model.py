@@ -91,21 +91,15 @@ class _IncrementalDecoder:
         return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
-# Where float16 decoding was measured faster than float32 on the CPU (a 2-core AVX-512 machine: 2.6x; its kernels
-# read half the bytes and convert in registers). Elsewhere (AVX2, ARM) it is not measured, so `auto` keeps float32.
-_FAST_FLOAT16_CPU_CAPABILITIES = {"AVX512"}
 # Matrix products of at least this many rows (reading a prompt) run in float32 under CHIPI_DTYPE=float16 on the CPU.
 FLOAT32_ROWS = 16
 
 
 def resolve_dtype(setting: str) -> torch.dtype:
-    """CHIPI_DTYPE as a torch dtype: `auto` is bfloat16 on a GPU, float16 on an AVX-512 CPU (decoding 2.6x faster
-    than float32 with nearly the same answers, see the README's Benchmark), else float32."""
+    """CHIPI_DTYPE as a torch dtype: `auto` is bfloat16 on a GPU, else float32 (float16 decodes faster on the CPU
+    but reads long prompts slower; the README's Benchmark has the figures)."""
     if setting == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16
-        fast_float16 = torch.backends.cpu.get_cpu_capability() in _FAST_FLOAT16_CPU_CAPABILITIES
-        return torch.float16 if fast_float16 else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
 
 
