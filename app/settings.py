@@ -81,9 +81,9 @@ def _env_name(name: str, default: str) -> str:
     return value
 
 
-def _env_quantize() -> str:
+def _env_quantize(dtype: str) -> str:
     quantize = _env_choice("CHIPI_QUANTIZE", "none", ("none", "int8"))
-    if quantize == "int8" and _env("CHIPI_DTYPE", "auto") != "float32":
+    if quantize == "int8" and dtype != "float32":
         raise SettingsError("CHIPI_QUANTIZE=int8 quantizes float32 weights: set CHIPI_DTYPE=float32 too")
     return quantize
 
@@ -155,14 +155,15 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         load_dotenv(Path.cwd() / ".env", override=False)
+        dtype = _env_choice("CHIPI_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16"))
         return cls(
             database_url=_env("DATABASE_URL", DEFAULT_DATABASE_URL),
             host=_env("CHIPI_HOST", "127.0.0.1"),
             port=_env_int("CHIPI_PORT", 8000, minimum=1),
             model=_env("CHIPI_MODEL", DEFAULT_MODEL_DIR),
             device=_env("CHIPI_DEVICE", "auto"),
-            dtype=_env_choice("CHIPI_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
-            quantize=_env_quantize(),
+            dtype=dtype,
+            quantize=_env_quantize(dtype),
             max_new_tokens=_env_int("CHIPI_MAX_NEW_TOKENS", 512, minimum=1),
             temperature=_env_float("CHIPI_TEMPERATURE", 0.2),
             top_p=_env_float("CHIPI_TOP_P", 0.9),

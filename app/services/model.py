@@ -95,7 +95,7 @@ class _IncrementalDecoder:
 FLOAT32_ROWS = 16
 
 
-def resolve_dtype(setting: str) -> torch.dtype:
+def _resolve_dtype(setting: str) -> torch.dtype:
     """CHIPI_DTYPE as a torch dtype: `auto` is bfloat16 on a GPU, else float32 (float16 decodes faster on the CPU
     but reads long prompts slower; the README's Benchmark has the figures)."""
     if setting == "auto":
@@ -178,7 +178,9 @@ class ModelService:
         started = time.perf_counter()
         device_map = "auto" if settings.device == "auto" else settings.device
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(settings.dtype), device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_resolve_dtype(settings.dtype), device_map=device_map
+        )
         model.eval()  # type: ignore[no-untyped-call]
         on_cpu = model.device.type == "cpu"
         if settings.quantize == "int8":
