@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from tests.helpers import get_conversation, new_conversation, send_message
@@ -77,3 +79,18 @@ async def test_branch_errors(client: httpx.AsyncClient) -> None:
     assert (await client.put(f"{base}/branch", json={"message_id": unknown})).status_code == 404
     assert (await client.post(f"{base}/messages/{user_id}/edit", json={"content": " "})).status_code == 400
     assert len((await get_conversation(client, session_id))["messages"]) == 2  # nothing half-written
+
+
+async def test_switching_branch_while_the_conversation_is_deleted_gets_404_never_500(
+    client: httpx.AsyncClient,
+) -> None:
+    statuses: set[int] = set()
+    for round_ in range(6):
+        session_id = (await new_conversation(client))["session_id"]
+        reply_id = (await send_message(client, session_id, "Hi", max_tokens=2))["assistant_message"]["id"]
+        path = f"/api/conversations/{session_id}"
+        racing = [client.put(f"{path}/branch", json={"message_id": reply_id}) for _ in range(3)]
+        racing.insert(round_ % 4, client.delete(path))
+        statuses |= {response.status_code for response in await asyncio.gather(*racing)}
+        assert (await client.get(path)).status_code == 404
+    assert statuses <= {200, 404}, statuses

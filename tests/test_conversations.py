@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from tests.helpers import ISO_WITH_OFFSET, get_conversation, new_conversation
@@ -114,3 +116,20 @@ async def test_openapi_schema_documents_every_route_with_typed_bodies(client: ht
     message_op = schema["paths"]["/api/conversations/{session_id}/message"]["post"]
     assert "requestBody" in message_op
     assert {"400", "404", "413"} <= set(message_op["responses"])
+
+
+async def test_renames_and_deletes_racing_a_delete_get_404_never_500(client: httpx.AsyncClient) -> None:
+    """A rename or delete landing while another request deletes the conversation finds it gone: 404, nothing
+    half-done (each write re-checks the row it changes in the same statement)."""
+    statuses: set[tuple[str, int]] = set()
+    for round_ in range(12):
+        session_id = (await new_conversation(client))["session_id"]
+        path = f"/api/conversations/{session_id}"
+        racing = [client.patch(f"{path}/title", json={"title": f"racing {n}"}) for n in range(3)]
+        racing.insert(round_ % 4, client.delete(path))
+        racing.append(client.delete(path))
+        for response in await asyncio.gather(*racing):
+            statuses.add((response.request.method, response.status_code))
+        assert (await client.get(path)).status_code == 404
+    assert {status for _, status in statuses} <= {200, 404}, statuses
+    assert ("DELETE", 200) in statuses and ("PATCH", 404) in statuses

@@ -255,8 +255,8 @@ class ConversationController(Controller):
         title: Annotated[str | None, Parameter(description="The new title (or in the body)")] = None,
     ) -> TitleUpdated:
         new_title = clean_title(_given(data.title if data else None, title), max_chars=settings.max_title_chars)
-        conversation = await conversations.rename(owner, conversation_id, new_title)
-        return TitleUpdated(session_id=conversation_id, title=conversation.title, message="Title updated")
+        await conversations.rename(owner, conversation_id, new_title)
+        return TitleUpdated(session_id=conversation_id, title=new_title, message="Title updated")
 
     @post(
         "/{session_id:str}/message",

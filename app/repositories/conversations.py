@@ -89,6 +89,25 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
             raise NotImplementedError(f"search is not implemented for {self._dialect.name}")
         return query.columns(conversation_id=Conversation.id.type, score=Float()).subquery("hits")
 
+    async def update_owned(self, owner: str, conversation_id: UUID, **values: object) -> bool:
+        """Set `values` on the owner's conversation in one statement (so a delete landing between a read and this
+        write leaves nothing half-done); False if there is no such conversation, or no longer."""
+        result = await self.session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id, Conversation.owner == owner)
+            .values(**values, updated_at=datetime.now(UTC))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def touch(self, conversation_id: UUID) -> None:
+        """Mark the conversation as just updated (it moves to the top of its owner's list)."""
+        await self.session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id)
+            .values(updated_at=datetime.now(UTC))
+            .execution_options(synchronize_session=False)
+        )
+
     async def set_model_title(self, conversation_id: UUID, title: str) -> bool:
         """Give the conversation the model's title unless its title was set by hand meanwhile (one atomic
         statement, so a rename that lands while the title is being generated always wins)."""
@@ -140,6 +159,17 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def write_final(self, message_id: UUID, **values: object) -> Message | None:
+        """Set `values` on a message in one UPDATE and return it as stored; None if it no longer exists."""
+        result = await self.session.execute(
+            update(Message)
+            .where(Message.id == message_id)
+            .values(**values, updated_at=datetime.now(UTC))
+            .returning(Message)
+            .execution_options(synchronize_session=False)
+        )
+        return result.scalar_one_or_none()
 
     async def mark_interrupted(self, stale_before: datetime) -> int:
         """Finish replies left `streaming` (not written since `stale_before`) by a process that died."""

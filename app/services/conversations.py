@@ -212,7 +212,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         """The owner's conversation; NotFoundError for an unknown id and for another owner's alike."""
         conversation = await self.repository.get_owned(owner, conversation_id)
         if conversation is None:
-            raise NotFoundError(f"conversation {conversation_id} not found", field="session_id")
+            raise _conversation_not_found(conversation_id)
         return conversation
 
     async def get_with_messages(
@@ -223,11 +223,13 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         messages = await self.messages.list_for_conversation(conversation_id)
         return conversation, list(messages) if tree else active_path(messages, conversation.active_message_id)
 
-    async def rename(self, owner: str, conversation_id: UUID, title: str) -> Conversation:
-        conversation = await self.get_conversation(owner, conversation_id)
-        conversation.title = title
-        conversation.title_source = TitleSource.MANUAL.value
-        return await self.update(conversation, auto_commit=True)
+    async def rename(self, owner: str, conversation_id: UUID, title: str) -> None:
+        """Give the owner's conversation a manual title, which is never replaced by an automatic one."""
+        if not await self.repository.update_owned(
+            owner, conversation_id, title=title, title_source=TitleSource.MANUAL.value
+        ):
+            raise _conversation_not_found(conversation_id)
+        await self.repository.session.commit()
 
     async def delete_conversation(self, owner: str, conversation_id: UUID) -> None:
         await self.get_conversation(owner, conversation_id)
@@ -243,7 +245,8 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         if message_id not in by_id:
             raise NotFoundError(f"message {message_id} not found in this conversation", field="message_id")
         leaf = newest_leaf_under(messages, by_id[message_id])
-        conversation.active_message_id = leaf.id
+        if not await self.repository.update_owned(owner, conversation_id, active_message_id=leaf.id):
+            raise _conversation_not_found(conversation_id)  # deleted since it was read
         await self.repository.session.commit()
         return conversation, path_to(by_id, leaf)
 
@@ -336,24 +339,19 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         completion_tokens: int | None = None,
         finish_reason: str | None = None,
     ) -> Message | None:
-        """Write the reply's text so far (or its final state); None if the conversation was deleted meanwhile."""
-        reply = await self.messages.get_one_or_none(id=reply_id)
-        if reply is None:
-            return None
-        reply.content = content
-        reply.reasoning = reasoning
-        reply.status = status.value
-        if prompt_tokens is not None:
-            reply.prompt_tokens = prompt_tokens
-        if completion_tokens is not None:
-            reply.completion_tokens = completion_tokens
-        if finish_reason is not None:
-            reply.finish_reason = finish_reason
-        await self.messages.update(reply)
-        if status != MessageStatus.STREAMING:
-            conversation = await self.repository.get_one_or_none(id=reply.conversation_id)
-            if conversation is not None:
-                conversation.updated_at = datetime.now(UTC)
+        """Write the reply's text so far (or its final state); None if the conversation was deleted meanwhile.
+
+        Each write is one statement, so a delete landing in between leaves nothing half-done."""
+        values: dict[str, object] = {"content": content, "reasoning": reasoning, "status": status.value}
+        optional = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "finish_reason": finish_reason,
+        }
+        values |= {name: value for name, value in optional.items() if value is not None}
+        reply = await self.messages.write_final(reply_id, **values)
+        if reply is not None and status != MessageStatus.STREAMING:
+            await self.repository.touch(reply.conversation_id)
         await self.repository.session.commit()
         return reply
 
@@ -369,3 +367,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         count = await self.messages.mark_interrupted(datetime.now(UTC) - timedelta(seconds=stale_seconds))
         await self.repository.session.commit()
         return count
+
+
+def _conversation_not_found(conversation_id: UUID) -> NotFoundError:
+    return NotFoundError(f"conversation {conversation_id} not found", field="session_id")
