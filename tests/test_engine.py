@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from app.services.cpu_layers import PackedLinear, onednn_packs_linears
 from app.services.engine import DecodeEngine
 from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
 from app.settings import Settings
@@ -280,3 +282,22 @@ async def test_every_precision_answers_a_plain_question(dtype: str, quantize: st
         model.close()
     assert answer.finished.finish_reason in ("stop", "length")
     assert "Paris" in answer.text, answer.text
+
+
+@pytest.mark.skipif(not onednn_packs_linears(), reason="oneDNN's packed linear layers are not used on this CPU")
+def test_packed_float32_layers_answer_like_plain_ones(service: ModelService) -> None:
+    """oneDNN's reordered float32 weights compute the same products as the checkpoint's, up to float rounding: the
+    served model's greedy answers are plain transformers' on the unchanged weights."""
+    assert any(isinstance(module, PackedLinear) for module in service.model.modules())
+    plain = AutoModelForCausalLM.from_pretrained(service.name, dtype=torch.float32).eval()
+    for question in QUESTIONS:
+        input_ids = torch.tensor([prompt(service, question).token_ids])
+        with torch.inference_mode():
+            packed_logits = service.model(input_ids=input_ids).logits
+            plain_logits = plain(input_ids=input_ids).logits
+        assert torch.allclose(packed_logits, plain_logits, atol=1e-3, rtol=0), question
+        plain_ids = plain.generate(input_ids=input_ids, max_new_tokens=EXACT_PREFIX_TOKENS, do_sample=False)
+        assert (
+            generate_ids(service, prompt(service, question), EXACT_PREFIX_TOKENS)
+            == plain_ids[0, input_ids.shape[1] :].tolist()
+        ), question

@@ -137,6 +137,8 @@ async def test_beyond_the_cap_requests_wait_then_get_429_or_503_with_retry_after
         "CHIPI_MAX_QUEUED_GENERATIONS": "1",
         "CHIPI_QUEUE_TIMEOUT_SECONDS": "1",
         "CHIPI_MAX_NEW_TOKENS": "400",
+        # Greedy, the story runs all 400 tokens and holds the only slot throughout; a sampled one may end in a second.
+        "CHIPI_TEMPERATURE": "0",
     }
     with ChipiServer(database_url, **limits) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import threading
 import time
-import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from app.domain.errors import ModelUnavailableError
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
+from app.services.cpu_layers import prepare_for_cpu
 from app.services.engine import DecodeEngine, EngineEvent, Finished
+from app.services.own_thread import call_in_own_thread
 from app.services.prefix_cache import PrefixCache
 from app.settings import Settings
 
@@ -91,10 +92,6 @@ class _IncrementalDecoder:
         return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
-# Matrix products of at least this many rows (reading a prompt) run in float32 under CHIPI_DTYPE=float16 on the CPU.
-FLOAT32_ROWS = 16
-
-
 def _resolve_dtype(setting: str) -> torch.dtype:
     """CHIPI_DTYPE as a torch dtype: `auto` is bfloat16 on a GPU, else float32 (float16 decodes faster on the CPU
     but reads long prompts slower; the README's Benchmark has the figures)."""
@@ -103,42 +100,14 @@ def _resolve_dtype(setting: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
 
 
-class _Float16Linear(torch.nn.Module):
-    """A Linear layer with float16 weights for the CPU: a product of a few rows (decoding) runs in float16, where the
-    CPU's float16 matrix-vector kernels read half of float32's bytes; one of FLOAT32_ROWS rows or more (reading a
-    prompt) runs in float32, as float16 matrix products of many rows are several times slower on the CPU."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.weight = linear.weight  # the same Parameter: a weight tied to the embeddings stays tied
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() < FLOAT32_ROWS:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.float()
-        return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-
-
-def _float16_linears_for_cpu(model: torch.nn.Module) -> None:
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, _Float16Linear(child))
-
-
-def _quantize_int8(model: Any) -> Any:
-    """Dynamic int8 quantization (torch.ao): every Linear layer's weights become int8, one scale per output channel,
-    and each matrix multiply quantizes its input on the fly, so decoding reads a quarter of float32's bytes."""
-    # torch.ao.quantization is deprecated in favour of the torchao package, but it is in every torch the project
-    # allows (<2.14); its warnings would be printed on every start.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=True
-        )
+def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(settings.dtype), device_map=device_map)
+    model.eval()  # type: ignore[no-untyped-call]
+    if model.device.type == "cpu":
+        return prepare_for_cpu(model, quantize=settings.quantize)
+    if settings.quantize == "int8":
+        raise ModelUnavailableError(f"CHIPI_QUANTIZE=int8 runs on the CPU only, not on {model.device}")
+    return model
 
 
 class ModelService:
@@ -178,17 +147,9 @@ class ModelService:
         started = time.perf_counter()
         device_map = "auto" if settings.device == "auto" else settings.device
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_resolve_dtype(settings.dtype), device_map=device_map
-        )
-        model.eval()  # type: ignore[no-untyped-call]
-        on_cpu = model.device.type == "cpu"
-        if settings.quantize == "int8":
-            if not on_cpu:
-                raise ModelUnavailableError(f"CHIPI_QUANTIZE=int8 runs on the CPU only, not on {model.device}")
-            model = _quantize_int8(model)
-        elif on_cpu and model.dtype == torch.float16:
-            _float16_linears_for_cpu(model)
+        # Loading runs parallel PyTorch work; in a thread that then ends, so this caller's thread keeps no OpenMP team
+        # that would slow the decode engine's (see app/services/own_thread.py).
+        model = call_in_own_thread(_load_weights, source, settings, device_map)
         context_window = settings.context_window or int(getattr(model.config, "max_position_embeddings", 2048))
         logger.info(
             "loaded model %s on %s (%s, quantization %s) in %.1fs",

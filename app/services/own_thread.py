@@ -52,3 +52,23 @@ async def run_in_own_thread(work: Callable[..., T], *args: Any, abandon_on_cance
         with contextlib.suppress(Exception):
             await done  # the work's own outcome no longer matters; its end does
         raise
+
+
+def call_in_own_thread(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a new thread that ends with it, waiting for it; its result or exception. For blocking
+    callers (loading the model in a script, a test or a benchmark) whose thread would otherwise keep an OpenMP team."""
+    outcome: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work(*args))
+        except BaseException as exc:  # raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name=f"chipi-{getattr(work, '__name__', 'work')}", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return outcome[0]
