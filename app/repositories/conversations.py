@@ -160,7 +160,7 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def write_final(self, message_id: UUID, **values: object) -> Message | None:
+    async def write(self, message_id: UUID, **values: object) -> Message | None:
         """Set `values` on a message in one UPDATE and return it as stored; None if it no longer exists."""
         result = await self.session.execute(
             update(Message)

@@ -349,7 +349,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             "finish_reason": finish_reason,
         }
         values |= {name: value for name, value in optional.items() if value is not None}
-        reply = await self.messages.write_final(reply_id, **values)
+        reply = await self.messages.write(reply_id, **values)
         if reply is not None and status != MessageStatus.STREAMING:
             await self.repository.touch(reply.conversation_id)
         await self.repository.session.commit()
