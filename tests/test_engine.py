@@ -291,13 +291,13 @@ def test_packed_float32_layers_answer_like_plain_ones(service: ModelService) -> 
     assert any(isinstance(module, PackedLinear) for module in service.model.modules())
     plain = AutoModelForCausalLM.from_pretrained(service.name, dtype=torch.float32).eval()
     for question in QUESTIONS:
-        input_ids = torch.tensor([prompt(service, question).token_ids])
+        the_prompt = prompt(service, question)
+        input_ids = torch.tensor([the_prompt.token_ids])
         with torch.inference_mode():
             packed_logits = service.model(input_ids=input_ids).logits
             plain_logits = plain(input_ids=input_ids).logits
         assert torch.allclose(packed_logits, plain_logits, atol=1e-3, rtol=0), question
         plain_ids = plain.generate(input_ids=input_ids, max_new_tokens=EXACT_PREFIX_TOKENS, do_sample=False)
-        assert (
-            generate_ids(service, prompt(service, question), EXACT_PREFIX_TOKENS)
-            == plain_ids[0, input_ids.shape[1] :].tolist()
-        ), question
+        assert generate_ids(service, the_prompt, EXACT_PREFIX_TOKENS) == plain_ids[0, input_ids.shape[1] :].tolist(), (
+            question
+        )

@@ -91,7 +91,8 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
 
     async def update_owned(self, owner: str, conversation_id: UUID, **values: object) -> bool:
         """Set `values` on the owner's conversation in one statement (so a delete landing between a read and this
-        write leaves nothing half-done); False if there is no such conversation, or no longer."""
+        write leaves nothing half-done); False if there is no such conversation, or no longer. A copy this session
+        already loaded gets the new values too (the default session synchronisation)."""
         result = await self.session.execute(
             update(Conversation)
             .where(Conversation.id == conversation_id, Conversation.owner == owner)
