@@ -82,9 +82,9 @@ def _env_name(name: str, default: str) -> str:
 
 
 def _env_quantize(dtype: str) -> str:
-    quantize = _env_choice("CHIPI_QUANTIZE", "none", ("none", "int8"))
-    if quantize == "int8" and dtype != "float32":
-        raise SettingsError("CHIPI_QUANTIZE=int8 quantizes float32 weights: set CHIPI_DTYPE=float32 too")
+    quantize = _env_choice("CHIPI_QUANTIZE", "auto", ("auto", "none", "int8", "int4"))
+    if quantize in ("int8", "int4") and dtype not in ("auto", "float32"):
+        raise SettingsError(f"CHIPI_QUANTIZE={quantize} quantizes float32 weights: set CHIPI_DTYPE=float32 or auto")
     return quantize
 
 

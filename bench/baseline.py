@@ -1,17 +1,21 @@
-"""The baseline the benchmarks compare against: a bare `model.generate` of one prompt, greedy."""
+"""The baseline the benchmarks compare against: plain transformers `generate` of one prompt, greedy, on the same
+checkpoint in float32 (what running the model without Chipi gives)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from app.services.model import ModelService, Prompt
 
 
 def plain_generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:
-    """Tokens generated and seconds taken by `model.generate` alone (no streaming, no batching).
+    """Tokens generated and seconds taken by `generate` alone (no streaming, no batching).
 
     It runs in a thread that ends with it: an OpenMP team left behind in this (long-lived) thread would slow down the
     decode engine's thread measured next to it (see app/services/own_thread.py)."""
@@ -22,11 +26,17 @@ def plain_generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tupl
     return result[0]
 
 
+@functools.cache
+def _plain_model(name: str) -> Any:
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+
+
 def _generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:
-    input_ids = torch.tensor([prompt.token_ids], device=model.model.device)
+    plain = _plain_model(model.name)
+    input_ids = torch.tensor([prompt.token_ids])
     started = time.perf_counter()
     with torch.inference_mode():
-        output = model.model.generate(
+        output = plain.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_tokens,

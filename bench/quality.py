@@ -1,12 +1,12 @@
 """Answer quality per precision and quantization: greedy replies to a fixed prompt set, compared with float32's.
 
-    python -m bench.quality [--variants float32,int8,bfloat16,float16] [--max-tokens 128]
+    python -m bench.quality [--variants float32,auto,int8,int4,bfloat16,float16] [--max-tokens 128]
 
-For each variant (a CHIPI_DTYPE, or `int8`: float32 weights with CHIPI_QUANTIZE=int8) it loads the model, answers
-every prompt greedily through the same engine the server uses, and prints, next to unquantized float32's answer: how
-many leading tokens agree, and how repetitive the answer is (the share of its 4-grams that are repeats; a degenerate
-loop like "1.1.1.1" scores near 1). The replies themselves go to `--out` (default artifacts/quality.md) so a person
-can read them side by side.
+For each variant (a CHIPI_DTYPE, or a CHIPI_QUANTIZE of float32 weights: `auto`, `int8`, `int4`) it loads the model,
+answers every prompt greedily through the same engine the server uses, and prints, next to unquantized float32's
+answer: how many leading tokens agree, and how repetitive the answer is (the share of its 4-grams that are repeats; a
+degenerate loop like "1.1.1.1" scores near 1). The replies themselves go to `--out` (default artifacts/quality.md) so
+a person can read them side by side.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from app.settings import Settings
 # Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE); the first is the reference.
 VARIANTS = {
     "float32": ("float32", "none"),
+    "auto": ("float32", "auto"),
     "int8": ("float32", "int8"),
+    "int4": ("float32", "int4"),
     "bfloat16": ("bfloat16", "none"),
     "float16": ("float16", "none"),
 }

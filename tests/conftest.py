@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.assets import ensure_default_assets
+from app.services import kernels
 from app.settings import Settings
 from tests.server import TEST_MAX_NEW_TOKENS, ChipiServer
 
@@ -26,8 +27,10 @@ REQUIRE_POSTGRES = os.environ.get("CHIPI_TEST_REQUIRE_POSTGRES") == "1"
 
 @pytest.fixture(scope="session", autouse=True)
 def default_model() -> None:
-    """The real default models (LLM, whisper, Piper voice), fetched and converted once (as `make run` does)."""
+    """The real default models (LLM, whisper, Piper voice), fetched and converted once (as `make run` does), and
+    Chipi's CPU kernels built once, before any server starts (each would otherwise wait for the first build)."""
     ensure_default_assets(Settings.from_env())
+    kernels.available()
 
 
 def _postgres_database() -> Iterator[str]:

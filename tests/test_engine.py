@@ -6,16 +6,20 @@ Replies generated at the same time share forward passes; each must still read as
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from app.services.cpu_layers import PackedLinear, onednn_packs_linears
+from app.services import kernels
+from app.services.cpu_layers import BlockLinear, PackedLinear, onednn_packs_linears
 from app.services.engine import DecodeEngine
+from app.services.llama_forward import LlamaForward
 from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
 from app.settings import Settings
 
@@ -70,11 +74,17 @@ def prompt(service: ModelService, question: str, system: str | None = None) -> P
     return service.build_prompt(system, [ChatTurn("user", question)], 64)
 
 
+@functools.cache
+def plain_model(name: str) -> Any:
+    """Plain transformers on the same checkpoint, in float32: the reference every reply is held to."""
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+
+
 def generate_ids(service: ModelService, prompt: Prompt, max_new_tokens: int) -> list[int]:
     """The reply plain `model.generate` gives, greedy: the reference."""
     input_ids = torch.tensor([prompt.token_ids])
     with torch.inference_mode():
-        output = service.model.generate(
+        output = plain_model(service.name).generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
@@ -271,9 +281,14 @@ async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(servi
     assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
 
 
-@pytest.mark.parametrize(("dtype", "quantize"), [("float32", "none"), ("float16", "none"), ("float32", "int8")])
+@pytest.mark.parametrize(
+    ("dtype", "quantize"),
+    [("auto", "auto"), ("float32", "none"), ("float16", "none"), ("float32", "int8"), ("float32", "int4")],
+)
 async def test_every_precision_answers_a_plain_question(dtype: str, quantize: str) -> None:
-    """Each CHIPI_DTYPE / CHIPI_QUANTIZE the README recommends loads and answers on the CPU."""
+    """Each CHIPI_DTYPE / CHIPI_QUANTIZE the README documents loads and answers on the CPU."""
+    if quantize in ("int8", "int4") and not kernels.available():
+        pytest.skip(f"CHIPI_QUANTIZE={quantize} needs Chipi's CPU kernels: {kernels.unavailable_reason()}")
     model = ModelService.load(replace(Settings.from_env(), dtype=dtype, quantize=quantize, prefix_cache_mb=0))
     try:
         question = prompt(model, "What is the capital of France?")
@@ -284,20 +299,53 @@ async def test_every_precision_answers_a_plain_question(dtype: str, quantize: st
     assert "Paris" in answer.text, answer.text
 
 
-@pytest.mark.skipif(not onednn_packs_linears(), reason="oneDNN's packed linear layers are not used on this CPU")
-def test_packed_float32_layers_answer_like_plain_ones(service: ModelService) -> None:
-    """oneDNN's reordered float32 weights compute the same products as the checkpoint's, up to float rounding: the
-    served model's greedy answers are plain transformers' on the unchanged weights."""
-    assert any(isinstance(module, PackedLinear) for module in service.model.modules())
-    plain = AutoModelForCausalLM.from_pretrained(service.name, dtype=torch.float32).eval()
-    for question in QUESTIONS:
-        the_prompt = prompt(service, question)
-        input_ids = torch.tensor([the_prompt.token_ids])
-        with torch.inference_mode():
-            packed_logits = service.model(input_ids=input_ids).logits
-            plain_logits = plain(input_ids=input_ids).logits
-        assert torch.allclose(packed_logits, plain_logits, atol=1e-3, rtol=0), question
-        plain_ids = plain.generate(input_ids=input_ids, max_new_tokens=EXACT_PREFIX_TOKENS, do_sample=False)
-        assert generate_ids(service, the_prompt, EXACT_PREFIX_TOKENS) == plain_ids[0, input_ids.shape[1] :].tolist(), (
-            question
-        )
+def last_logits(service: ModelService, token_ids: list[int]) -> torch.Tensor:
+    """The served model's next-token logits after `token_ids`, read in one forward pass."""
+    input_ids = torch.tensor([token_ids])
+    with torch.inference_mode():
+        if isinstance(service.model, LlamaForward):
+            logits: torch.Tensor = service.model(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                position_ids=torch.arange(len(token_ids)).unsqueeze(0),
+                cache=DynamicCache(),
+            )
+            return logits[0]
+        return service.model(input_ids=input_ids).logits[0, -1]  # type: ignore[no-any-return]
+
+
+# How far the served model's logits may be from plain transformers' on the same weights: float rounding for float32's
+# packed layers; the block kernels also round each block of activations to 16 bits (relative error under 2e-5).
+LOGIT_TOLERANCE = {"none": 1e-3, "auto": 1e-2}
+
+
+@pytest.mark.parametrize("quantize", ["none", "auto"])
+def test_the_served_model_answers_like_plain_transformers(quantize: str) -> None:
+    """Whatever its layers (oneDNN's packed float32, or 4- and 8-bit blocks holding the default model's own GGUF
+    weights), the served model computes plain transformers' function on the checkpoint: the same logits up to
+    rounding, and the same greedy answers."""
+    if quantize == "auto" and not kernels.available():
+        pytest.skip(f"Chipi's CPU kernels are not available: {kernels.unavailable_reason()}")
+    service = ModelService.load(replace(Settings.from_env(), dtype="float32", quantize=quantize, prefix_cache_mb=0))
+    plain = plain_model(service.name)
+    try:
+        layers = list(service.model.modules())
+        if quantize == "auto":  # the default model came from Q4_1 / Q8_0 blocks: it goes back into them, exactly
+            assert {layer.bits for layer in layers if isinstance(layer, BlockLinear)} == {4, 8}
+            lm_head = service.model.lm_head
+            assert torch.equal(lm_head.dequantized(), plain.lm_head.weight)
+            assert torch.equal(service.model.layers[3].down.dequantized(), plain.model.layers[3].mlp.down_proj.weight)
+        elif onednn_packs_linears():
+            assert any(isinstance(layer, PackedLinear) for layer in layers)
+        for question in QUESTIONS:
+            the_prompt = prompt(service, question)
+            input_ids = torch.tensor([the_prompt.token_ids])
+            with torch.inference_mode():
+                plain_logits = plain(input_ids=input_ids).logits[0, -1]
+            served_logits = last_logits(service, the_prompt.token_ids)
+            assert torch.allclose(served_logits, plain_logits, atol=LOGIT_TOLERANCE[quantize], rtol=0), question
+            expected = generate_ids(service, the_prompt, EXACT_PREFIX_TOKENS)
+            served = asyncio.run(reply(service, the_prompt, GenerationParams(EXACT_PREFIX_TOKENS, 0.0, 1.0)))
+            assert served.text == decode(service, expected), question
+    finally:
+        service.close()

@@ -51,9 +51,10 @@ def test_a_speech_model_setting_that_is_a_path_is_refused(variable: str, monkeyp
         Settings.from_env()
 
 
-@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float16"])
-def test_int8_quantization_needs_float32_weights(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CHIPI_QUANTIZE", "int8")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_quantization_needs_float32_weights(quantize: str, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHIPI_QUANTIZE", quantize)
     monkeypatch.setenv("CHIPI_DTYPE", dtype)
     with pytest.raises(SettingsError, match="CHIPI_DTYPE=float32"):
         Settings.from_env()

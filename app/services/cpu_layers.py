@@ -1,37 +1,74 @@
 """The linear layers a model runs on the CPU, chosen for its precision (the README's Benchmark has the figures).
 
-Decoding reads every weight once per step, so on a CPU it is bound by how fast the matrix kernels stream weights
-from memory, and which kernel runs matters as much as the precision:
+Decoding reads every weight once per step, so on a CPU it is bound by how many bytes the matrix kernels stream from
+memory, and which kernel runs matters as much as the precision:
+- blocks of 4 or 8 bits (CHIPI_QUANTIZE): weights in llama.cpp's Q4_1 / Q8_0 layout, 32 weights per block with a
+  float16 scale (and min), multiplied by Chipi's kernels (app/services/kernels) at 5 and 8.5 bits per weight. The
+  default model comes from such a file, so `auto` runs it on its very weights at a sixth of float32's bytes;
 - float32: oneDNN's matrix multiply on weights reordered once, at load, into its blocked layout. MKL's kernels,
   which `F.linear` calls, are slow for the 2-7 rows of a small decode batch (the output layer: 10 ms for one row,
-  25 ms for two, 18 ms for four); oneDNN's take 4-7 ms for 1 to 8 rows. Same results to float rounding.
+  25 ms for two, 18 ms for four); oneDNN's take 4-7 ms for 1 to 8 rows. Same results to float rounding;
 - float16: float16 kernels for the few rows of a decode step; float32 for the many rows of a prompt.
-- int8 (opt-in): torch.ao dynamic quantization.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# Matrix products of at least this many rows (reading a prompt) run in float32 under CHIPI_DTYPE=float16 on the CPU.
+from app.domain.errors import ModelUnavailableError
+from app.services import kernels
+
+logger = logging.getLogger(__name__)
+
+# Matrix products of at least this many rows (reading a prompt) run in float32: float16's, and the block kernels'
+# (which unpack every block once per 4 rows), are several times slower than a float32 matrix product there.
 FLOAT32_ROWS = 16
+BLOCK = 32  # weights per block, along the input dimension
+# A weight counts as on a block's grid when it is within this share of one quantization step of it: weights
+# dequantized from a GGUF file are on it up to float rounding, others are up to half a step off.
+_GRID_TOLERANCE = 1e-3
 
 
 def prepare_for_cpu(model: Any, *, quantize: str) -> Any:
-    """`model` with the linear layers that run fastest on this CPU for its precision."""
-    if quantize == "int8":
-        return _quantize_int8(model)
+    """`model` with the linear layers that run fastest on this CPU for its precision and CHIPI_QUANTIZE."""
     if model.dtype == torch.float16:
-        _replace_linears(model, Float16Linear)
-    elif model.dtype == torch.float32 and onednn_packs_linears():
-        _replace_linears(model, PackedLinear)
+        _replace_linears(model, lambda name, linear: Float16Linear(linear))
+    elif model.dtype == torch.float32:
+        _replace_linears(model, _float32_layers(quantize))
         _own_remaining_parameters(model)
     return model
+
+
+def _float32_layers(quantize: str) -> Callable[[str, torch.nn.Linear], torch.nn.Module]:
+    """The layer each float32 Linear becomes under `quantize` (auto, none, int8 or int4)."""
+    reason = kernels.unavailable_reason() if quantize != "none" else None
+    if reason is not None:
+        if quantize != "auto":
+            raise ModelUnavailableError(f"CHIPI_QUANTIZE={quantize} needs Chipi's CPU kernels, but {reason}")
+        logger.info("weights stay float32: Chipi's quantized CPU kernels are not used, as %s", reason)
+    float32 = PackedLinear if onednn_packs_linears() else (lambda linear: linear)
+
+    def layer(name: str, linear: torch.nn.Linear) -> torch.nn.Module:
+        if quantize == "none" or reason is not None:
+            return float32(linear)
+        output_layer = name.split(".")[-1] == "lm_head"
+        if quantize == "int8" or (quantize == "int4" and output_layer):  # llama.cpp's Q4 files keep it at 8 bits
+            return BlockLinear(linear, bits=8)
+        if quantize == "int4":
+            return BlockLinear(linear, bits=4)
+        for bits in (4, 8):  # auto: the fewest bits that hold these weights exactly
+            blocks = quantize_blocks(linear.weight, bits)
+            if blocks.exact:
+                return BlockLinear(linear, bits=bits, blocks=blocks)
+        return float32(linear)
+
+    return layer
 
 
 def onednn_packs_linears() -> bool:
@@ -40,6 +77,81 @@ def onednn_packs_linears() -> bool:
     available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
     ops = all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
     return bool(available) and ops and platform.machine().lower() in {"x86_64", "amd64"}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A weight matrix `[out, in]` in blocks of 32 weights along `in` (the layout quantized.cpp documents)."""
+
+    bits: int
+    data: torch.Tensor  # uint8: [out, in / 2] for 4 bits, [out, in] for 8
+    scales: torch.Tensor  # float16: [out, in / 32, 2] (scale, min) for 4 bits, [out, in / 32] for 8
+    exact: bool  # every weight was on its block's grid: nothing was lost
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int) -> Blocks:
+    """`weight` in llama.cpp's Q4_1 (bits=4: scale * q + min, q in 0..15) or Q8_0 (bits=8: scale * q, q in
+    -127..127) blocks; weights that were dequantized from such blocks come back exactly."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
+    if bits == 4:
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale, minimum = ((high - low) / 15).half(), low.half()
+        offset = minimum.float().unsqueeze(-1)
+        levels = (0, 15)
+    else:
+        scale, minimum = (groups.abs().amax(-1) / 127).half(), None
+        offset = torch.zeros(())
+        levels = (-127, 127)
+    step = scale.float().unsqueeze(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    exact_q = (groups - offset) / step
+    q = exact_q.round().clamp(*levels)
+    exact = bool(((exact_q - q).abs() <= _GRID_TOLERANCE).all())
+    if bits == 4:
+        nibbles = q.to(torch.uint8)
+        data = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).reshape(out_features, in_features // 2)
+        assert minimum is not None
+        scales = torch.stack([scale, minimum], dim=-1)
+    else:
+        data = q.to(torch.int8).view(torch.uint8).reshape(out_features, in_features)
+        scales = scale
+    return Blocks(bits, data.contiguous(), scales.contiguous(), exact)
+
+
+class BlockLinear(torch.nn.Module):
+    """A float32 Linear layer whose weights are kept in blocks of 4 or 8 bits and multiplied by Chipi's kernels.
+
+    A few rows (decoding) go through the block kernel, which reads the blocks directly; many rows (a prompt) through
+    a float32 matrix product on the weights dequantized for that call, which is faster there.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, *, bits: int, blocks: Blocks | None = None) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        blocks = blocks or quantize_blocks(linear.weight, bits)
+        self.bits = bits
+        self.register_buffer("data", blocks.data)
+        self.register_buffer("scales", blocks.scales)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= FLOAT32_ROWS:
+            y = torch.nn.functional.linear(rows, self.dequantized())
+        elif self.bits == 4:
+            y = torch.ops.chipi.q4_linear(rows, self.data, self.scales)
+        else:
+            y = torch.ops.chipi.q8_linear(rows, self.data, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights `[out, in]` the blocks hold."""
+        if self.bits == 4:
+            return torch.ops.chipi.q4_dequantize(self.data, self.scales)  # type: ignore[no-any-return]
+        return torch.ops.chipi.q8_dequantize(self.data, self.scales)  # type: ignore[no-any-return]
 
 
 class PackedLinear(torch.nn.Module):
@@ -79,11 +191,11 @@ class Float16Linear(torch.nn.Module):
         return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
-def _replace_linears(model: torch.nn.Module, layer: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
-    for module in list(model.modules()):
+def _replace_linears(model: torch.nn.Module, layer: Callable[[str, torch.nn.Linear], torch.nn.Module]) -> None:
+    for module_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, layer(child))
+                setattr(module, name, layer(f"{module_name}.{name}" if module_name else name, child))
 
 
 def _own_remaining_parameters(model: torch.nn.Module) -> None:
@@ -92,17 +204,3 @@ def _own_remaining_parameters(model: torch.nn.Module) -> None:
     weights (about 400 MB more for the default model)."""
     for parameter in model.parameters():
         parameter.data = parameter.data.clone()
-
-
-def _quantize_int8(model: Any) -> Any:
-    """Dynamic int8 quantization (torch.ao): every Linear layer's weights become int8, one scale per output channel,
-    and each matrix multiply quantizes its input on the fly, so decoding reads a quarter of float32's bytes."""
-    # torch.ao.quantization is deprecated in favour of the torchao package, but it is in every torch the project
-    # allows (<2.14); its warnings would be printed on every start.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=True
-        )

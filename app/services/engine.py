@@ -43,6 +43,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from app.services.llama_forward import LlamaForward
 from app.services.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -363,15 +364,13 @@ class DecodeEngine:
             # A hit is copied once, into a cache with room to append the rest of the prompt in place.
             cache = _spare_room_cache(hit.key_values) if hit is not None else DynamicCache()
             device = self._model.device
-            output = self._model(
+            logits = self._logits(
                 input_ids=torch.tensor([request.prompt_ids[known:]], device=device),
                 attention_mask=torch.ones(1, len(request.prompt_ids), dtype=torch.long, device=device),
                 position_ids=torch.arange(known, len(request.prompt_ids), device=device).unsqueeze(0),
                 cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
             )
-            token = request.sampler.next_token(output.logits[0, -1], request.prompt_ids)
+            token = request.sampler.next_token(logits[0], request.prompt_ids)
             if self._accept(request, token):
                 self._remember(request, _key_values(cache))
             else:
@@ -391,19 +390,17 @@ class DecodeEngine:
     def _step(self) -> None:
         """One forward pass for every running row, then one new token per row."""
         batch = self._batch
+        assert batch.cache is not None  # a batch with rows has their cache
         device = batch.mask.device
         rows = batch.rows
         batch.mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
         try:
-            output = self._model(
+            logits = self._logits(
                 input_ids=torch.tensor([[row.generated[-1]] for row in rows], device=device),
                 attention_mask=batch.mask,
                 position_ids=torch.tensor([[row.cached_tokens] for row in rows], device=device),
                 cache=batch.cache,
-                use_cache=True,
-                logits_to_keep=1,
             )
-            logits = output.logits[:, -1]
             tokens: list[int] = logits.argmax(dim=-1).tolist()  # one argmax for the greedy rows, the usual case
             for i, row in enumerate(rows):
                 if not row.sampler.plain_argmax:
@@ -417,6 +414,25 @@ class DecodeEngine:
             if done[index]:
                 self._remember(row, batch.row_key_values(index))
         batch.keep([not ended for ended in done])
+
+    def _logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
+        """Each row's next-token logits, `[rows, vocab]`, having appended the fed tokens' keys and values to `cache`."""
+        if isinstance(self._model, LlamaForward):
+            logits: torch.Tensor = self._model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache
+            )
+            return logits
+        output = self._model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cast(torch.Tensor, output.logits[:, -1])
 
     def _remember(self, request: _Request, key_values: KeyValues) -> None:
         """Offer the keys and values of every token `request` fed (its prompt and reply) to the prefix cache."""

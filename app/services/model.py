@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from app.domain.errors import ModelUnavailableError
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
+from app.services import llama_forward
 from app.services.cpu_layers import prepare_for_cpu
 from app.services.engine import DecodeEngine, EngineEvent, Finished
+from app.services.llama_forward import LlamaForward
 from app.services.own_thread import call_in_own_thread
 from app.services.prefix_cache import PrefixCache
 from app.settings import Settings
@@ -101,12 +103,16 @@ def _resolve_dtype(setting: str) -> torch.dtype:
 
 
 def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(settings.dtype), device_map=device_map)
-    model.eval()  # type: ignore[no-untyped-call]
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        source, dtype=_resolve_dtype(settings.dtype), device_map=device_map
+    )
+    model.eval()
     if model.device.type == "cpu":
+        if llama_forward.supports(model):
+            model = LlamaForward(model)
         return prepare_for_cpu(model, quantize=settings.quantize)
-    if settings.quantize == "int8":
-        raise ModelUnavailableError(f"CHIPI_QUANTIZE=int8 runs on the CPU only, not on {model.device}")
+    if settings.quantize in ("int8", "int4"):
+        raise ModelUnavailableError(f"CHIPI_QUANTIZE={settings.quantize} runs on the CPU only, not on {model.device}")
     return model
 
 

@@ -1,0 +1,172 @@
+"""A lean forward pass for Llama-architecture models (the default SmolLM2 among them) on the CPU.
+
+Decoding one token of a 135M-parameter model reads its weights once: a few milliseconds with 4-bit weights. Around
+that, transformers' own forward runs about 900 PyTorch operations per step (masks, cache bookkeeping, rotary
+embeddings as half-rotations, three projections where one would do), each with microseconds of dispatch, which
+took as long as the products. This forward computes the same function with a third of the operations:
+- the query, key and value projections are one matrix product, and so are the gate and up projections;
+- the rows of the query and key weights are reordered at load so that each rotary pair of a head is adjacent, so
+  that rotary embeddings are one complex multiplication (attention scores are unchanged: queries and keys are
+  reordered alike, and the values not at all). Cached keys are in that order, which only this forward reads;
+- attention is PyTorch's fused scaled-dot-product attention over the grouped key/value heads, with a mask only
+  where one is needed (padding or a causal prompt).
+
+It takes what the decode engine gives transformers' forward (token ids, the attention mask over the cache's columns,
+position ids, a transformers Cache whose layers' `update` appends keys and values) and returns the logits of each
+row's last token. Its linear layers are plain `torch.nn.Linear` until app/services/cpu_layers.py swaps them for the
+precision's kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from app.services import kernels
+
+# Model types whose decoder layers are exactly transformers' LlamaDecoderLayer arithmetic (RMSNorm, rotary
+# embeddings on full heads, grouped-query attention, SiLU-gated MLP).
+SUPPORTED_MODEL_TYPES = {"llama"}
+
+
+def supports(model: Any) -> bool:
+    """True for a model this forward computes exactly like transformers does."""
+    config = model.config
+    return (
+        config.model_type in SUPPORTED_MODEL_TYPES
+        and getattr(config, "hidden_act", "silu") == "silu"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "pretraining_tp", 1) == 1
+        and model.dtype == torch.float32
+    )
+
+
+class _Layer(nn.Module):
+    def __init__(self, layer: Any, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        attention, mlp = layer.self_attn, layer.mlp
+        pairs = _rotary_pairs(head_dim)
+        query = attention.q_proj.weight.detach().view(heads, head_dim, -1)[:, pairs].flatten(0, 1)
+        key = attention.k_proj.weight.detach().view(kv_heads, head_dim, -1)[:, pairs].flatten(0, 1)
+        # nn.Linear until cpu_layers swaps them for the precision's layers
+        self.qkv: nn.Module = _linear(torch.cat([query, key, attention.v_proj.weight.detach()]))
+        self.output: nn.Module = _linear(attention.o_proj.weight.detach())
+        self.gate_up: nn.Module = _linear(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]))
+        self.down: nn.Module = _linear(mlp.down_proj.weight.detach())
+        self.attention_norm: torch.Tensor = layer.input_layernorm.weight
+        self.mlp_norm: torch.Tensor = layer.post_attention_layernorm.weight
+
+
+class LlamaForward(nn.Module):
+    """The lean forward of a transformers Llama model, built from (and replacing) that model's weights."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        config = model.config
+        self.config = model.config
+        self.generation_config = model.generation_config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        decoder = model.model
+        self.embed = decoder.embed_tokens
+        layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim) for layer in decoder.layers]
+        self.layers = nn.ModuleList(layers)
+        self._layers = layers  # the same modules, typed
+        self.norm: torch.Tensor = decoder.norm.weight
+        self.lm_head: nn.Module = _linear(model.lm_head.weight.detach())
+        # What transformers' rotary embedding computes, this model's scaling (if any) included.
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", decoder.rotary_emb.inv_freq.float().clone(), persistent=False)
+        self.rotary_scaling = float(decoder.rotary_emb.attention_scaling)
+        # Chipi's kernels fuse the RMSNorm and the gated activation (a dozen PyTorch operations each) into one.
+        self._fused = kernels.available()
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """The logits of each row's last token, `[rows, vocab]`, having appended every token's keys and values."""
+        rows, tokens = input_ids.shape
+        hidden = self.embed(input_ids)
+        angles = position_ids.unsqueeze(-1).float() * self.inv_freq  # [rows, tokens, head_dim / 2]
+        rotation = torch.polar(torch.full_like(angles, self.rotary_scaling), angles).unsqueeze(1)
+        mask = _attention_mask(attention_mask, tokens)
+        split = [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim]
+        norms = [norm for layer in self._layers for norm in (layer.attention_norm, layer.mlp_norm)] + [self.norm]
+        normed = self._add_rms_norm(hidden, None, norms[0])
+        for index, layer in enumerate(self._layers):
+            qkv = layer.qkv(normed)
+            query_key, value = qkv.split(split, dim=-1)
+            # [rows, heads + kv_heads, tokens, head_dim / 2] complex pairs, rotated to their positions
+            pairs = torch.view_as_complex(
+                query_key.view(rows, tokens, self.heads + self.kv_heads, self.head_dim // 2, 2).transpose(1, 2)
+            )
+            rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+            query, key = torch.split(rotated, [self.heads, self.kv_heads], dim=1)
+            value = value.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = cache.update(key, value, index)
+            attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+            normed = self._add_rms_norm(
+                hidden, layer.output(attended.transpose(1, 2).reshape(rows, tokens, -1)), norms[2 * index + 1]
+            )
+            normed = self._add_rms_norm(hidden, layer.down(self._gated(layer.gate_up(normed))), norms[2 * index + 2])
+        last = normed[:, -1]
+        logits: torch.Tensor = self.lm_head(last)
+        return logits
+
+    def _add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """Add `delta` to the residual stream `hidden` in place (a residual connection), and return its RMSNorm."""
+        if self._fused:
+            if delta is None:
+                return torch.ops.chipi.rms_norm(hidden, weight, self.eps)  # type: ignore[no-any-return]
+            return torch.ops.chipi.add_rms_norm(hidden, delta, weight, self.eps)  # type: ignore[no-any-return]
+        if delta is not None:
+            hidden.add_(delta)
+        return functional.rms_norm(hidden, (hidden.shape[-1],), weight, self.eps)
+
+    def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, from the gate and up projections' joint output."""
+        if self._fused:
+            return torch.ops.chipi.silu_mul(gate_up)  # type: ignore[no-any-return]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return functional.silu(gate) * up
+
+
+def _attention_mask(attention_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """Which cached columns each new token may attend to, `[rows, 1, tokens, columns]`, or None when it is all of
+    them (one new token per row and no padding: the usual decode step)."""
+    columns = attention_mask.shape[1]
+    if tokens == 1 and bool(attention_mask.all()):
+        return None
+    # The new tokens are the last `tokens` columns; token i sees the columns up to its own.
+    causal = torch.ones(tokens, columns, dtype=torch.bool, device=attention_mask.device).tril(columns - tokens)
+    return (attention_mask.bool()[:, None, None, :] & causal).contiguous()
+
+
+def _rotary_pairs(head_dim: int) -> torch.Tensor:
+    """The order of a head's dimensions that puts each rotary pair (i, i + head_dim / 2) side by side."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
