@@ -33,7 +33,7 @@ from tests.raw_client import (
 from tests.server import TEST_GRACE_SECONDS, ChipiServer
 
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
-SETTLE_SECONDS = 120  # a 48-token reply takes seconds, but minutes on a loaded 2-core machine
+SETTLE_SECONDS = 120  # a whole reply takes seconds, but minutes on a loaded 2-core machine
 SERVER_ERROR = re.compile(r'" 5\d\d \d')  # an access log line (text format) with a 5xx status
 
 
