@@ -85,7 +85,9 @@ class Blocks:
 
     bits: int
     data: torch.Tensor  # uint8: [out, in / 2] for 4 bits, [out, in] for 8
-    scales: torch.Tensor  # float16: [out, in / 32, 2] (scale, min) for 4 bits, [out, in / 32] for 8
+    scales: (
+        torch.Tensor
+    )  # float16: [out, 2, in / 32] (each row's scales, then its mins) for 4 bits, [out, in / 32] for 8
     exact: bool  # every weight was on its block's grid: nothing was lost
 
 
@@ -111,7 +113,7 @@ def quantize_blocks(weight: torch.Tensor, bits: int) -> Blocks:
         nibbles = q.to(torch.uint8)
         data = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).reshape(out_features, in_features // 2)
         assert minimum is not None
-        scales = torch.stack([scale, minimum], dim=-1)
+        scales = torch.stack([scale, minimum], dim=1)
     else:
         data = q.to(torch.int8).view(torch.uint8).reshape(out_features, in_features)
         scales = scale

@@ -122,9 +122,8 @@ class LlamaForward(nn.Module):
             query, key = torch.split(rotated, [self.heads, self.kv_heads], dim=1)
             value = value.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = cache.update(key, value, index)
-            attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
             normed = self._add_rms_norm(
-                hidden, layer.output(attended.transpose(1, 2).reshape(rows, tokens, -1)), norms[2 * index + 1]
+                hidden, layer.output(self._attend(query, keys, values, attention_mask, mask)), norms[2 * index + 1]
             )
             normed = self._add_rms_norm(hidden, layer.down(self._gated(layer.gate_up(normed))), norms[2 * index + 2])
         last = normed[:, -1]
@@ -140,6 +139,24 @@ class LlamaForward(nn.Module):
         if delta is not None:
             hidden.add_(delta)
         return functional.rms_norm(hidden, (hidden.shape[-1],), weight, self.eps)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Grouped-query attention of the new tokens over the cache, `[rows, tokens, heads * head_dim]`."""
+        rows, _, tokens, _ = query.shape
+        if self._fused and tokens == 1:  # a decode step; mask is None when no row has padding
+            padding = None if mask is None else attention_mask
+            return torch.ops.chipi.decode_attention(  # type: ignore[no-any-return]
+                query, keys, values, padding, self.head_dim**-0.5
+            )
+        attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+        return attended.transpose(1, 2).reshape(rows, tokens, -1)
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, from the gate and up projections' joint output."""

@@ -2,7 +2,7 @@
 //
 // Weights are stored in blocks of 32 along the input dimension, as llama.cpp's Q4_1 and Q8_0 do:
 // - q4: 16 bytes per block, byte j holding the block's weight j in its low nibble and weight j + 16 in its high
-//   one, and a float16 scale and min per block: weight = scale * q + min, q in 0..15;
+//   one, and a float16 scale and min per block (each row's scales, then its mins): weight = scale * q + min, q in 0..15;
 // - q8: 32 signed bytes and a float16 scale per block: weight = scale * q.
 // A product reads 5 (q4) or 8.5 (q8) bits per weight instead of float32's 32. Each block of 32 activations is rounded
 // to 16-bit integers with a scale of its own (a relative error under 2e-5, far below the weights' own rounding), so
@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -55,25 +57,49 @@ struct Rounded {
 };
 
 // Adds block b's products for R rows to acc: the block's integer dot products with the rounded activations, times
-// the weight scale and each row's activation scale; for q4, the min times the block's float sum of x to mins.
+// the block's combined scale (weight scale times the row's activation scale) for each row.
 template <bool kQ4, int R>
 __attribute__((always_inline)) inline void add_block(const Rounded& rows, int64_t K, int64_t blocks,
-                                                     const uint8_t* block, const uint16_t* block_scales, int64_t b,
-                                                     __m256 (&acc)[R], float (&mins)[R]) {
+                                                     const uint8_t* block, const float* combined, int64_t b,
+                                                     __m256 (&acc)[R]) {
   __m256i first, second;
   unpack_block<kQ4>(block, first, second);
-  const float weight_scale = half_to_float(block_scales[0]);
-  if constexpr (kQ4) {
-    const float min = half_to_float(block_scales[1]);
-    for (int r = 0; r < R; ++r) mins[r] += min * rows.block_sums[r * blocks + b];
-  }
   for (int r = 0; r < R; ++r) {
     const int16_t* xb = rows.x16 + r * K + b * kBlock;
     const __m256i products = _mm256_add_epi32(
         _mm256_madd_epi16(first, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))),
         _mm256_madd_epi16(second, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16))));
-    const __m256 scale = _mm256_set1_ps(weight_scale * rows.x_scales[r * blocks + b]);
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, acc[r]);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_broadcast_ss(combined + r * blocks + b), acc[r]);
+  }
+}
+
+// For output row n: each block's weight scale times each row's activation scale (into combined, [R, blocks]), and
+// for q4 the mins' share of each row's result: the sum over blocks of min * the block's float sum of x.
+template <bool kQ4, int R>
+inline void row_scales(const Rounded& rows, int64_t blocks, const uint16_t* scales, float* combined,
+                       float (&mins)[R]) {
+  int64_t b = 0;
+  __m256 min_acc[R];
+  for (int r = 0; r < R; ++r) min_acc[r] = _mm256_setzero_ps();
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256 weight = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
+    __m256 block_mins = _mm256_setzero_ps();
+    if constexpr (kQ4)
+      block_mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + blocks + b)));
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(combined + r * blocks + b, _mm256_mul_ps(weight, _mm256_loadu_ps(rows.x_scales + r * blocks + b)));
+      if constexpr (kQ4)
+        min_acc[r] = _mm256_fmadd_ps(block_mins, _mm256_loadu_ps(rows.block_sums + r * blocks + b), min_acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) mins[r] = kQ4 ? horizontal_sum(min_acc[r]) : 0.0f;
+  for (; b < blocks; ++b) {
+    const float weight = half_to_float(scales[b]);
+    const float block_min = kQ4 ? half_to_float(scales[blocks + b]) : 0.0f;
+    for (int r = 0; r < R; ++r) {
+      combined[r * blocks + b] = weight * rows.x_scales[r * blocks + b];
+      if constexpr (kQ4) mins[r] += block_min * rows.block_sums[r * blocks + b];
+    }
   }
 }
 
@@ -81,26 +107,23 @@ __attribute__((always_inline)) inline void add_block(const Rounded& rows, int64_
 // blocks add into separate accumulators, so that consecutive multiply-adds do not wait for each other.
 template <bool kQ4, int R>
 void dot_rows(Rounded rows, int64_t K, const uint8_t* weights, const uint16_t* scales, float* out, int64_t N,
-              int64_t n_begin, int64_t n_end) {
+              int64_t n_begin, int64_t n_end, float* combined) {
   constexpr int64_t kScales = kQ4 ? 2 : 1;
   const int64_t blocks = K / kBlock;
   const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weights + n * blocks * block_bytes;
-    const uint16_t* row_scales = scales + n * blocks * kScales;
+    float mins[R];
+    row_scales<kQ4, R>(rows, blocks, scales + n * blocks * kScales, combined, mins);
     __m256 even[R], odd[R];
-    float even_mins[R] = {}, odd_mins[R] = {};
     for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= blocks; b += 2) {
-      add_block<kQ4, R>(rows, K, blocks, row + b * block_bytes, row_scales + b * kScales, b, even, even_mins);
-      add_block<kQ4, R>(rows, K, blocks, row + (b + 1) * block_bytes, row_scales + (b + 1) * kScales, b + 1, odd,
-                        odd_mins);
+      add_block<kQ4, R>(rows, K, blocks, row + b * block_bytes, combined, b, even);
+      add_block<kQ4, R>(rows, K, blocks, row + (b + 1) * block_bytes, combined, b + 1, odd);
     }
-    if (b < blocks)
-      add_block<kQ4, R>(rows, K, blocks, row + b * block_bytes, row_scales + b * kScales, b, even, even_mins);
-    for (int r = 0; r < R; ++r)
-      out[r * N + n] = horizontal_sum(_mm256_add_ps(even[r], odd[r])) + even_mins[r] + odd_mins[r];
+    if (b < blocks) add_block<kQ4, R>(rows, K, blocks, row + b * block_bytes, combined, b, even);
+    for (int r = 0; r < R; ++r) out[r * N + n] = horizontal_sum(_mm256_add_ps(even[r], odd[r])) + mins[r];
   }
 }
 
@@ -135,7 +158,7 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   const int64_t K = input.size(-1);
   const int64_t N = scales.size(0);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "chipi quantized_linear: float32 input expected");
-  TORCH_CHECK(K % kBlock == 0 && scales.size(1) * kBlock == K, "chipi quantized_linear: shapes do not match");
+  TORCH_CHECK(K % kBlock == 0 && scales.size(-1) * kBlock == K, "chipi quantized_linear: shapes do not match");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() &&
                   weights.numel() == N * (kQ4 ? K / 2 : K),
               "chipi quantized_linear: contiguous uint8 weights of the scales' shape expected");
@@ -152,14 +175,15 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> combined(4 * blocks);
     for (int64_t m = 0; m < M; m += 4) {  // up to 4 rows share each unpacked block
       const Rounded rows{x16.data() + m * K, x_scales.data() + m * blocks, block_sums.data() + m * blocks};
       float* om = op + m * N;
       switch (std::min<int64_t>(4, M - m)) {
-        case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end); break;
-        case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end); break;
-        case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end); break;
-        default: dot_rows<kQ4, 1>(rows, K, wp, sp, om, N, begin, end);
+        case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end, combined.data()); break;
+        case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end, combined.data()); break;
+        case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end, combined.data()); break;
+        default: dot_rows<kQ4, 1>(rows, K, wp, sp, om, N, begin, end, combined.data());
       }
     }
   });
@@ -173,7 +197,7 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
 template <bool kQ4>
 at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
   const int64_t N = scales.size(0);
-  const int64_t blocks = scales.size(1);
+  const int64_t blocks = scales.size(-1);
   const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
   auto out = at::empty({N, blocks * kBlock}, scales.options().dtype(at::kFloat));
   const uint8_t* wp = weights.data_ptr<uint8_t>();
@@ -183,8 +207,9 @@ at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
     for (int64_t i = begin; i < end; ++i) {
       __m256i halves[2];
       unpack_block<kQ4>(wp + i * block_bytes, halves[0], halves[1]);
-      const __m256 scale = _mm256_set1_ps(half_to_float(sp[kQ4 ? 2 * i : i]));
-      const __m256 min = _mm256_set1_ps(kQ4 ? half_to_float(sp[2 * i + 1]) : 0.0f);
+      const int64_t n = i / blocks, b = i % blocks;
+      const __m256 scale = _mm256_set1_ps(half_to_float(sp[n * blocks * (kQ4 ? 2 : 1) + b]));
+      const __m256 min = _mm256_set1_ps(kQ4 ? half_to_float(sp[n * blocks * 2 + blocks + b]) : 0.0f);
       for (int h = 0; h < 2; ++h)
         for (int j = 0; j < 2; ++j) {
           const __m128i eight = j ? _mm256_extracti128_si256(halves[h], 1) : _mm256_castsi256_si128(halves[h]);
@@ -240,6 +265,105 @@ at::Tensor add_rms_norm(at::Tensor hidden, const at::Tensor& delta, const at::Te
   return rms_norm(hidden, weight, eps);
 }
 
+// e^x for 8 floats (Cephes' expf: x = n ln 2 + r, e^r by a polynomial; about 1e-7 relative error). Below -88 the
+// result is 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+
+// Attention of one new token per row (a decode step): query [R, H, 1, D], keys and values [R, KV, L, D] (views of
+// the cache; H a multiple of KV, grouped-query attention), mask [R, L] (1: a real token, 0: padding) or none.
+// Returns [R, 1, H * D], the heads side by side, ready for the output projection. Same as PyTorch's
+// scaled_dot_product_attention there, without its fixed cost per call (most of the call at short lengths).
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  const int64_t R = query.size(0), H = query.size(1), D = query.size(3);
+  const int64_t KV = keys.size(1), L = keys.size(2);
+  TORCH_CHECK(query.size(2) == 1 && H % KV == 0 && D % 16 == 0, "chipi decode_attention: unsupported shapes");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat,
+              "chipi decode_attention: float32 expected");
+  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
+              "chipi decode_attention: the last dimension must be contiguous");
+  std::optional<at::Tensor> mask_rows;
+  if (mask) {
+    mask_rows = mask->to(at::kLong).contiguous();
+    TORCH_CHECK(mask_rows->size(0) == R && mask_rows->size(1) == L, "chipi decode_attention: mask shape");
+  }
+  const int64_t* mp = mask_rows ? mask_rows->data_ptr<int64_t>() : nullptr;
+  const int64_t group = H / KV;
+  auto out = at::empty({R, 1, H * D}, query.options());
+  const float* qp = query.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+  at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(L);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / H, h = i % H, g = h / group;
+      const float* q = qp + r * query.stride(0) + h * query.stride(1);
+      const float* k = kp + r * keys.stride(0) + g * keys.stride(1);
+      const float* v = vp + r * values.stride(0) + g * values.stride(1);
+      float largest = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < L; ++j) {
+        if (mp != nullptr && mp[r * L + j] == 0) {
+          weights[j] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const float* key = k + j * keys.stride(2);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(key + d + 8), a1);
+        }
+        weights[j] = horizontal_sum(_mm256_add_ps(a0, a1)) * softmax_scale;
+        largest = std::max(largest, weights[j]);
+      }
+      float total = 0;
+      int64_t j = 0;
+      __m256 sums = _mm256_setzero_ps();
+      for (; j + 8 <= L; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(weights.data() + j), _mm256_set1_ps(largest)));
+        _mm256_storeu_ps(weights.data() + j, e);
+        sums = _mm256_add_ps(sums, e);
+      }
+      total = horizontal_sum(sums);
+      for (; j < L; ++j) {
+        weights[j] = std::exp(weights[j] - largest);
+        total += weights[j];
+      }
+      const __m256 inverse = _mm256_set1_ps(1.0f / total);
+      float* o = op + r * H * D + h * D;
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int64_t vectors = std::min<int64_t>(8, (D - d0) / 8);
+        __m256 acc[8];
+        for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t jj = 0; jj < L; ++jj) {
+          if (weights[jj] == 0.0f) continue;
+          const __m256 w = _mm256_set1_ps(weights[jj]);
+          const float* value = v + jj * values.stride(2) + d0;
+          for (int t = 0; t < vectors; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * t), acc[t]);
+        }
+        for (int t = 0; t < vectors; ++t) _mm256_storeu_ps(o + d0 + 8 * t, _mm256_mul_ps(acc[t], inverse));
+      }
+    }
+  });
+  return out;
+}
+
 // silu(gate) * up, where the last dimension of x is [gate | up].
 at::Tensor silu_mul(const at::Tensor& input) {
   const int64_t D = input.size(-1) / 2;
@@ -269,5 +393,7 @@ TORCH_LIBRARY(chipi, m) {
   m.def("q8_dequantize(Tensor weights, Tensor scales) -> Tensor", q8_dequantize);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("silu_mul(Tensor x) -> Tensor", silu_mul);
+  m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor? mask, float scale) -> Tensor",
+        decode_attention);
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
 }

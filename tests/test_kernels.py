@@ -1,0 +1,75 @@
+"""Chipi's CPU kernels (app/services/kernels) against PyTorch's own arithmetic on the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.services import kernels
+from app.services.cpu_layers import BlockLinear, quantize_blocks
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no kernels here: {kernels.unavailable_reason()}")
+
+
+def on_grid(out_features: int, in_features: int, bits: int) -> torch.Tensor:
+    """Weights that blocks of `bits` hold exactly, as those dequantized from a GGUF file are."""
+    torch.manual_seed(bits)
+    blocks = (out_features, in_features // 32, 32)
+    if bits == 4:
+        q = torch.randint(0, 16, blocks).float()
+        q[..., 0], q[..., 1] = 0, 15  # each block spans its whole range, as llama.cpp's quantizer makes it
+        scale = (torch.rand(blocks[:2]) * 0.01 + 1e-3).half().float().unsqueeze(-1)
+        minimum = (-torch.rand(blocks[:2]) * 0.1).half().float().unsqueeze(-1)
+        weights = q * scale + minimum
+    else:
+        q = torch.randint(-127, 128, blocks).float()
+        q[..., 0] = 127
+        weights = q * (torch.rand(blocks[:2]) * 0.01 + 1e-3).half().float().unsqueeze(-1)
+    return weights.reshape(out_features, in_features)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows: int) -> None:
+    weight = on_grid(200, 576, bits)
+    blocks = quantize_blocks(weight, bits)
+    assert blocks.exact
+    layer = BlockLinear(torch.nn.Linear(576, 200, bias=False), bits=bits, blocks=blocks)
+    assert torch.equal(layer.dequantized(), weight)
+    x = torch.randn(rows, 576)
+    expected = x @ weight.t()
+    # 40 rows take the float32 product on the dequantized weights; a few rows the block kernel, which rounds each
+    # block of activations to 16 bits
+    assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
+def test_weights_off_the_grid_are_not_called_exact() -> None:
+    assert not quantize_blocks(torch.randn(64, 64), 4).exact
+    assert not quantize_blocks(torch.randn(64, 64), 8).exact
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_attention_is_scaled_dot_product_attention(padded: bool) -> None:
+    rows, heads, kv_heads, length, head_dim = 3, 9, 3, 75, 64
+    query = torch.randn(rows, heads + kv_heads, 1, head_dim)[:, :heads]  # a view, as in the model
+    room = torch.randn(rows, kv_heads, length + 16, head_dim)
+    keys, values = room[:, :, :length], torch.randn_like(room)[:, :, :length]
+    mask = torch.ones(rows, length, dtype=torch.long)
+    if padded:
+        mask[1, :20], mask[2, :1] = 0, 0
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask.bool()[:, None, None, :], enable_gqa=True
+    )
+    got = torch.ops.chipi.decode_attention(query, keys, values, mask if padded else None, head_dim**-0.5)
+    assert torch.allclose(got, expected.transpose(1, 2).reshape(rows, 1, -1), atol=1e-5)
+
+
+def test_fused_norm_and_gate_match_pytorch() -> None:
+    hidden, delta, weight = torch.randn(2, 5, 576), torch.randn(2, 5, 576), torch.randn(576)
+    expected_hidden = hidden + delta
+    expected = torch.nn.functional.rms_norm(expected_hidden, (576,), weight, 1e-5)
+    assert torch.allclose(torch.ops.chipi.add_rms_norm(hidden, delta, weight, 1e-5), expected, atol=1e-5)
+    assert torch.allclose(hidden, expected_hidden)  # the residual stream was updated in place
+    gate_up = torch.randn(3, 2 * 1536)
+    expected_gated = torch.nn.functional.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    assert torch.allclose(torch.ops.chipi.silu_mul(gate_up), expected_gated, atol=1e-6)
