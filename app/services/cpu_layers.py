@@ -26,8 +26,8 @@ from app.services import kernels
 
 logger = logging.getLogger(__name__)
 
-# Matrix products of at least this many rows (reading a prompt) run in float32: float16's, and the block kernels'
-# (which unpack every block once per 4 rows), are several times slower than a float32 matrix product there.
+# Matrix products of at least this many rows (reading a prompt) run in float32 under CHIPI_DTYPE=float16: float16's
+# are several times slower than a float32 matrix product there. (The block kernels make the same switch.)
 FLOAT32_ROWS = 16
 BLOCK = 32  # weights per block, along the input dimension
 # A weight counts as on a block's grid when it is within this share of one quantization step of it: weights
@@ -124,7 +124,7 @@ class BlockLinear(torch.nn.Module):
     """A float32 Linear layer whose weights are kept in blocks of 4 or 8 bits and multiplied by Chipi's kernels.
 
     A few rows (decoding) go through the block kernel, which reads the blocks directly; many rows (a prompt) through
-    a float32 matrix product on the weights dequantized for that call, which is faster there.
+    float32 matrix products on tiles of the weights dequantized in the CPU's cache, which is faster there.
     """
 
     def __init__(self, linear: torch.nn.Linear, *, bits: int, blocks: Blocks | None = None) -> None:
@@ -139,12 +139,8 @@ class BlockLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= FLOAT32_ROWS:
-            y = torch.nn.functional.linear(rows, self.dequantized())
-        elif self.bits == 4:
-            y = torch.ops.chipi.q4_linear(rows, self.data, self.scales)
-        else:
-            y = torch.ops.chipi.q8_linear(rows, self.data, self.scales)
+        product = torch.ops.chipi.q4_linear if self.bits == 4 else torch.ops.chipi.q8_linear
+        y: torch.Tensor = product(rows, self.data, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

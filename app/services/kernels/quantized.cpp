@@ -24,6 +24,9 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+// Products of at least this many rows (reading a prompt) run as float32 matrix products on dequantized tiles: the
+// block kernel unpacks each block once per 4 rows, which is slower there.
+constexpr int64_t kMatrixRows = 16;
 
 // Per block: q4 keeps (scale, min), q8 its scale, as float16 bits.
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -154,6 +157,9 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
 }
 
 template <bool kQ4>
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales);
+
+template <bool kQ4>
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, const at::Tensor& scales) {
   const int64_t K = input.size(-1);
   const int64_t N = scales.size(0);
@@ -164,6 +170,9 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
               "chipi quantized_linear: contiguous uint8 weights of the scales' shape expected");
   auto x = input.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
+  auto shape = input.sizes().vec();
+  shape.back() = N;
+  if (M >= kMatrixRows) return tiled_linear<kQ4>(x, weights, scales).view(shape);
   const int64_t blocks = K / kBlock;
   const float* xp = x.data_ptr<float>();
   std::vector<int16_t> x16(M * K);
@@ -187,35 +196,67 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
       }
     }
   });
-  auto shape = input.sizes().vec();
-  shape.back() = N;
   return out.view(shape);
 }
 
 // The float32 weights the blocks stand for, [N, K] (for products of many rows, which run faster as a matrix
 // product on float32 weights than block by block).
+// Rows [n_begin, n_end) of the float32 weights the blocks stand for, into out (row stride blocks * 32).
 template <bool kQ4>
-at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
-  const int64_t N = scales.size(0);
-  const int64_t blocks = scales.size(-1);
+void dequantize_rows(const uint8_t* weights, const uint16_t* scales, int64_t blocks, int64_t n_begin, int64_t n_end,
+                     float* out) {
   const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
-  auto out = at::empty({N, blocks * kBlock}, scales.options().dtype(at::kFloat));
-  const uint8_t* wp = weights.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N * blocks, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  const int64_t scales_per_row = kQ4 ? 2 * blocks : blocks;
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t b = 0; b < blocks; ++b) {
       __m256i halves[2];
-      unpack_block<kQ4>(wp + i * block_bytes, halves[0], halves[1]);
-      const int64_t n = i / blocks, b = i % blocks;
-      const __m256 scale = _mm256_set1_ps(half_to_float(sp[n * blocks * (kQ4 ? 2 : 1) + b]));
-      const __m256 min = _mm256_set1_ps(kQ4 ? half_to_float(sp[n * blocks * 2 + blocks + b]) : 0.0f);
+      unpack_block<kQ4>(weights + (n * blocks + b) * block_bytes, halves[0], halves[1]);
+      const __m256 scale = _mm256_set1_ps(half_to_float(scales[n * scales_per_row + b]));
+      const __m256 min = _mm256_set1_ps(kQ4 ? half_to_float(scales[n * scales_per_row + blocks + b]) : 0.0f);
+      float* o = out + (n - n_begin) * blocks * kBlock + b * kBlock;
       for (int h = 0; h < 2; ++h)
         for (int j = 0; j < 2; ++j) {
           const __m128i eight = j ? _mm256_extracti128_si256(halves[h], 1) : _mm256_castsi256_si128(halves[h]);
           const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(eight));
-          _mm256_storeu_ps(op + i * kBlock + 16 * h + 8 * j, _mm256_fmadd_ps(q, scale, min));
+          _mm256_storeu_ps(o + 16 * h + 8 * j, _mm256_fmadd_ps(q, scale, min));
         }
+    }
+}
+
+template <bool kQ4>
+at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
+  const int64_t N = scales.size(0);
+  const int64_t blocks = scales.size(-1);
+  auto out = at::empty({N, blocks * kBlock}, scales.options().dtype(at::kFloat));
+  const uint8_t* wp = weights.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    dequantize_rows<kQ4>(wp, sp, blocks, begin, end, op + begin * blocks * kBlock);
+  });
+  return out;
+}
+
+// x [M, K] times the blocks' weights for many rows (a prompt): tiles of output rows are dequantized into a buffer
+// that stays in the CPU's cache and multiplied there by a float32 matrix product, so the float32 weights are never
+// written out whole (that alone took longer than the products).
+template <bool kQ4>
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales) {
+  constexpr int64_t kTile = 128;
+  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
+  const int64_t blocks = K / kBlock;
+  auto out = at::empty({M, N}, x.options());
+  const uint8_t* wp = weights.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);  // the caller's mode, which is thread-local
+    auto tile = at::empty({kTile, K}, x.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kTile, rows = std::min(kTile, N - n0);
+      dequantize_rows<kQ4>(wp, sp, blocks, n0, n0 + rows, tile.data_ptr<float>());
+      // inside a parallel region, this product runs on the calling thread only
+      out.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
     }
   });
   return out;
