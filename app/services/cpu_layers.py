@@ -40,12 +40,15 @@ def prepare_for_cpu(model: Any, *, quantize: str) -> Any:
     if model.dtype == torch.float16:
         _replace_linears(model, lambda name, linear: Float16Linear(linear))
     elif model.dtype == torch.float32:
-        _replace_linears(model, _float32_layers(quantize))
-        _own_remaining_parameters(model)
+        _replace_linears(model, float32_layers(quantize))
+        own_remaining_parameters(model)
     return model
 
 
-def _float32_layers(quantize: str) -> Callable[[str, torch.nn.Linear], torch.nn.Module]:
+LayerMaker = Callable[[str, torch.nn.Linear], torch.nn.Module]  # (the layer's name, its Linear) -> its replacement
+
+
+def float32_layers(quantize: str) -> LayerMaker:
     """The layer each float32 Linear becomes under `quantize` (auto, none, int8 or int4)."""
     reason = kernels.unavailable_reason() if quantize != "none" else None
     if reason is not None:
@@ -85,17 +88,31 @@ class Blocks:
 
     bits: int
     data: torch.Tensor  # uint8: [out, in / 2] for 4 bits, [out, in] for 8
-    scales: (
-        torch.Tensor
-    )  # float16: [out, 2, in / 32] (each row's scales, then its mins) for 4 bits, [out, in / 32] for 8
+    # float16: [out, 2, in / 32] (each row's scales, then its mins) for 4 bits, [out, in / 32] for 8
+    scales: torch.Tensor
     exact: bool  # every weight was on its block's grid: nothing was lost
+
+
+# Rows quantized at a time: the float temporaries of a whole output layer (49152 x 576) would add ~0.5 GB to the
+# load's peak memory.
+_QUANTIZE_ROWS = 2048
 
 
 def quantize_blocks(weight: torch.Tensor, bits: int) -> Blocks:
     """`weight` in llama.cpp's Q4_1 (bits=4: scale * q + min, q in 0..15) or Q8_0 (bits=8: scale * q, q in
     -127..127) blocks; weights that were dequantized from such blocks come back exactly."""
+    chunks = [_quantize_rows(rows, bits) for rows in torch.split(weight.detach(), _QUANTIZE_ROWS)]
+    return Blocks(
+        bits,
+        torch.cat([chunk.data for chunk in chunks]),
+        torch.cat([chunk.scales for chunk in chunks]),
+        all(chunk.exact for chunk in chunks),
+    )
+
+
+def _quantize_rows(weight: torch.Tensor, bits: int) -> Blocks:
     out_features, in_features = weight.shape
-    groups = weight.detach().float().reshape(out_features, in_features // BLOCK, BLOCK)
+    groups = weight.float().reshape(out_features, in_features // BLOCK, BLOCK)
     if bits == 4:
         low, high = groups.amin(-1), groups.amax(-1)
         scale, minimum = ((high - low) / 15).half(), low.half()
@@ -189,14 +206,14 @@ class Float16Linear(torch.nn.Module):
         return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
-def _replace_linears(model: torch.nn.Module, layer: Callable[[str, torch.nn.Linear], torch.nn.Module]) -> None:
+def _replace_linears(model: torch.nn.Module, layer: LayerMaker) -> None:
     for module_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(module, name, layer(f"{module_name}.{name}" if module_name else name, child))
 
 
-def _own_remaining_parameters(model: torch.nn.Module) -> None:
+def own_remaining_parameters(model: torch.nn.Module) -> None:
     """Copy the parameters left (embeddings, norms) out of the memory-mapped checkpoint, so that the mapping, whose
     pages the packing read, is released: without this the process keeps the whole file resident next to the packed
     weights (about 400 MB more for the default model)."""

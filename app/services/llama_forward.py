@@ -13,12 +13,12 @@ took as long as the products. This forward computes the same function with a thi
 
 It takes what the decode engine gives transformers' forward (token ids, the attention mask over the cache's columns,
 position ids, a transformers Cache whose layers' `update` appends keys and values) and returns the logits of each
-row's last token. Its linear layers are plain `torch.nn.Linear` until app/services/cpu_layers.py swaps them for the
-precision's kernels.
+row's last token. Its linear layers are the precision's (app/services/cpu_layers.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,26 +45,34 @@ def supports(model: Any) -> bool:
     )
 
 
+LayerMaker = Callable[[str, nn.Linear], nn.Module]  # (the layer's name, its fused Linear) -> the layer to run
+
+
 class _Layer(nn.Module):
-    def __init__(self, layer: Any, heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, name: str, layer: Any, heads: int, kv_heads: int, head_dim: int, make: LayerMaker) -> None:
         super().__init__()
         attention, mlp = layer.self_attn, layer.mlp
         pairs = _rotary_pairs(head_dim)
         query = attention.q_proj.weight.detach().view(heads, head_dim, -1)[:, pairs].flatten(0, 1)
         key = attention.k_proj.weight.detach().view(kv_heads, head_dim, -1)[:, pairs].flatten(0, 1)
-        # nn.Linear until cpu_layers swaps them for the precision's layers
-        self.qkv: nn.Module = _linear(torch.cat([query, key, attention.v_proj.weight.detach()]))
-        self.output: nn.Module = _linear(attention.o_proj.weight.detach())
-        self.gate_up: nn.Module = _linear(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]))
-        self.down: nn.Module = _linear(mlp.down_proj.weight.detach())
+        qkv = torch.cat([query, key, attention.v_proj.weight.detach()])
+        self.qkv = make(f"{name}.qkv", _linear(qkv))
+        self.output = make(f"{name}.output", _linear(attention.o_proj.weight.detach()))
+        gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        self.gate_up = make(f"{name}.gate_up", _linear(gate_up))
+        self.down = make(f"{name}.down", _linear(mlp.down_proj.weight.detach()))
         self.attention_norm: torch.Tensor = layer.input_layernorm.weight
         self.mlp_norm: torch.Tensor = layer.post_attention_layernorm.weight
 
 
 class LlamaForward(nn.Module):
-    """The lean forward of a transformers Llama model, built from (and replacing) that model's weights."""
+    """The lean forward of a transformers Llama model, built from (and replacing) that model's weights.
 
-    def __init__(self, model: Any) -> None:
+    `make` turns each fused linear layer into the one to run (cpu_layers.float32_layers: packed or quantized) as it
+    is built, so that the float32 copies made by fusing never exist for the whole model at once.
+    """
+
+    def __init__(self, model: Any, make: LayerMaker = lambda name, linear: linear) -> None:
         super().__init__()
         config = model.config
         self.config = model.config
@@ -75,11 +83,14 @@ class LlamaForward(nn.Module):
         self.eps = config.rms_norm_eps
         decoder = model.model
         self.embed = decoder.embed_tokens
-        layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim) for layer in decoder.layers]
+        layers = [
+            _Layer(f"layers.{index}", layer, self.heads, self.kv_heads, self.head_dim, make)
+            for index, layer in enumerate(decoder.layers)
+        ]
         self.layers = nn.ModuleList(layers)
         self._layers = layers  # the same modules, typed
         self.norm: torch.Tensor = decoder.norm.weight
-        self.lm_head: nn.Module = _linear(model.lm_head.weight.detach())
+        self.lm_head = make("lm_head", _linear(model.lm_head.weight.detach()))
         # What transformers' rotary embedding computes, this model's scaling (if any) included.
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", decoder.rotary_emb.inv_freq.float().clone(), persistent=False)

@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from app.domain.errors import ModelUnavailableError
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
-from app.services import llama_forward
-from app.services.cpu_layers import prepare_for_cpu
+from app.services import cpu_layers, llama_forward
 from app.services.engine import DecodeEngine, EngineEvent, Finished
 from app.services.llama_forward import LlamaForward
 from app.services.own_thread import call_in_own_thread
@@ -109,8 +108,10 @@ def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
     model.eval()
     if model.device.type == "cpu":
         if llama_forward.supports(model):
-            model = LlamaForward(model)
-        return prepare_for_cpu(model, quantize=settings.quantize)
+            lean = LlamaForward(model, cpu_layers.float32_layers(settings.quantize))
+            cpu_layers.own_remaining_parameters(lean)
+            return lean
+        return cpu_layers.prepare_for_cpu(model, quantize=settings.quantize)
     if settings.quantize in ("int8", "int4"):
         raise ModelUnavailableError(f"CHIPI_QUANTIZE={settings.quantize} runs on the CPU only, not on {model.device}")
     return model
