@@ -29,7 +29,7 @@ def on_grid(out_features: int, in_features: int, bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40, 300])
 def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows: int) -> None:
     weight = on_grid(200, 576, bits)
     blocks = quantize_blocks(weight, bits)
@@ -38,7 +38,7 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows:
     assert torch.equal(layer.dequantized(), weight)
     x = torch.randn(rows, 576)
     expected = x @ weight.t()
-    # 40 rows take the float32 product on the dequantized weights; a few rows the block kernel, which rounds each
+    # 40 and 300 rows take float32 products on dequantized tiles; a few rows the block kernel, which rounds each
     # block of activations to 16 bits
     assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
 

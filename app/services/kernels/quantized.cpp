@@ -27,6 +27,8 @@ constexpr int64_t kBlock = 32;
 // Products of at least this many rows (reading a prompt) run as float32 matrix products on dequantized tiles: the
 // block kernel unpacks each block once per 4 rows, which is slower there.
 constexpr int64_t kMatrixRows = 16;
+// From this many rows on, each tile's product is large enough to share between threads.
+constexpr int64_t kLargeRows = 256;
 
 // Per block: q4 keeps (scale, min), q8 its scale, as float16 bits.
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -248,6 +250,19 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at
   auto out = at::empty({M, N}, x.options());
   const uint8_t* wp = weights.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  if (M >= kLargeRows) {  // a long prompt: the products dominate; each tile's runs on every thread
+    constexpr int64_t kLargeTile = 1024;
+    auto tile = at::empty({std::min(kLargeTile, N), K}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += kLargeTile) {
+      const int64_t rows = std::min(kLargeTile, N - n0);
+      float* tp = tile.data_ptr<float>();
+      at::parallel_for(n0, n0 + rows, 16, [&](int64_t begin, int64_t end) {
+        dequantize_rows<kQ4>(wp, sp, blocks, begin, end, tp + (begin - n0) * K);
+      });
+      out.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
+    }
+    return out;
+  }
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode guard(inference);  // the caller's mode, which is thread-local
