@@ -42,6 +42,9 @@ def supports(model: Any) -> bool:
         and not getattr(config, "mlp_bias", False)
         and getattr(config, "pretraining_tp", 1) == 1
         and model.dtype == torch.float32
+        # rotary frequencies fixed at load: not the kinds transformers recomputes as the sequence grows
+        and "dynamic" not in str(getattr(model.model.rotary_emb, "rope_type", "default"))
+        and getattr(model.model.rotary_emb, "rope_type", "default") != "longrope"
     )
 
 

@@ -3,7 +3,8 @@
 PyTorch's weight-only int4/int8 kernels are vectorized for AVX-512 only: on an AVX2 CPU they ran 10-25x slower than
 float32. These are AVX2 kernels for llama.cpp-style blocks of 32 weights (see quantized.cpp). They are compiled with
 the machine's C++ compiler by PyTorch's extension builder the first time a model loads (about 20 s), into
-PyTorch's extension cache (`~/.cache/torch_extensions`, or TORCH_EXTENSIONS_DIR), and loaded from there after.
+`chipi-kernels/` inside the Python environment (e.g. `.venv/chipi-kernels`: one build per checkout's venv, so that
+two checkouts on a machine do not rebuild over each other), and loaded from there after.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -50,6 +52,7 @@ def unavailable_reason() -> str | None:
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
+            build_directory=_build_directory(),
         )
     except Exception as exc:  # a failed build must not stop the server: the float32 layers still work
         logger.warning("could not build Chipi's CPU kernels: %s", exc)
@@ -60,6 +63,16 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def _build_directory() -> str | None:
+    """`chipi-kernels/` in this Python environment, or None (PyTorch's own cache) where it cannot be written."""
+    folder = Path(sys.prefix) / "chipi-kernels"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return str(folder) if os.access(folder, os.W_OK) else None
 
 
 def _cpu_flags() -> set[str]:
