@@ -144,7 +144,9 @@ async def test_beyond_the_cap_requests_wait_then_get_429_or_503_with_retry_after
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             first, queued, rejected = [(await new_conversation(client))["session_id"] for _ in range(3)]
             async with aconnect_sse(client, "GET", stream_url(first), params={"prompt": LONG_PROMPT}) as source:
-                await anext(source.aiter_sse())  # the only slot is taken
+                # Keep the iterator: a dropped one is closed when collected, and so is the stream under it.
+                events = source.aiter_sse()
+                await anext(events)  # the only slot is taken
                 waiting = asyncio.create_task(client.get(stream_url(queued), params={"prompt": "Hello"}))
                 for _ in range(200):  # until the second request is waiting in the queue
                     if (await client.get("/api/health")).json()["queued_generations"] == 1:
@@ -152,7 +154,8 @@ async def test_beyond_the_cap_requests_wait_then_get_429_or_503_with_retry_after
                     await asyncio.sleep(0.05)
                 full = await client.get(stream_url(rejected), params={"prompt": "Hello"})
                 timed_out = await waiting
-                await client.post(f"/api/conversations/{first}/stop")
+                stopped = await client.post(f"/api/conversations/{first}/stop")
+            assert stopped.json()["stopped"], "the first reply ended before the waits did: the test proves nothing"
             assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
             assert timed_out.status_code == 503 and int(timed_out.headers["Retry-After"]) >= 1
             assert full.json()["code"] == timed_out.json()["code"] == "busy"
