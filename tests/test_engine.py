@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from app.services import kernels
 from app.services.cpu_layers import BlockLinear, PackedLinear, onednn_packs_linears
 from app.services.engine import DecodeEngine
-from app.services.llama_forward import LlamaForward
 from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
 from app.settings import Settings
+from tests.model_helpers import last_logits
 
 pytestmark = pytest.mark.model
 
@@ -297,21 +297,6 @@ async def test_every_precision_answers_a_plain_question(dtype: str, quantize: st
         model.close()
     assert answer.finished.finish_reason in ("stop", "length")
     assert "Paris" in answer.text, answer.text
-
-
-def last_logits(service: ModelService, token_ids: list[int]) -> torch.Tensor:
-    """The served model's next-token logits after `token_ids`, read in one forward pass."""
-    input_ids = torch.tensor([token_ids])
-    with torch.inference_mode():
-        if isinstance(service.model, LlamaForward):
-            logits: torch.Tensor = service.model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                position_ids=torch.arange(len(token_ids)).unsqueeze(0),
-                cache=DynamicCache(),
-            )
-            return logits[0]
-        return service.model(input_ids=input_ids).logits[0, -1]  # type: ignore[no-any-return]
 
 
 # How far the served model's logits may be from plain transformers' on the same weights: float rounding for float32's

@@ -34,7 +34,7 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows:
     weight = on_grid(200, 576, bits)
     blocks = quantize_blocks(weight, bits)
     assert blocks.exact
-    layer = BlockLinear(torch.nn.Linear(576, 200, bias=False), bits=bits, blocks=blocks)
+    layer = BlockLinear(blocks)
     assert torch.equal(layer.dequantized(), weight)
     x = torch.randn(rows, 576)
     expected = x @ weight.t()
@@ -46,6 +46,8 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows:
 def test_weights_off_the_grid_are_not_called_exact() -> None:
     assert not quantize_blocks(torch.randn(64, 64), 4).exact
     assert not quantize_blocks(torch.randn(64, 64), 8).exact
+    assert quantize_blocks(torch.randn(64, 64), 4, only_exact=True) is None
+    assert quantize_blocks(on_grid(64, 64, 4), 4, only_exact=True) is not None
 
 
 @pytest.mark.parametrize("padded", [False, True])

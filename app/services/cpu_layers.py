@@ -17,7 +17,7 @@ import logging
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -26,8 +26,9 @@ from app.services import kernels
 
 logger = logging.getLogger(__name__)
 
-# Matrix products of at least this many rows (reading a prompt) run in float32 under CHIPI_DTYPE=float16: float16's
-# are several times slower than a float32 matrix product there. (The block kernels make the same switch.)
+# Matrix products of at least this many rows (reading a prompt) run as float32 matrix products: under
+# CHIPI_DTYPE=float16, float16's are several times slower there; for block layers, on float32 tiles of the weights
+# (the block kernel unpacks each block once per 4 rows, which is slower there).
 FLOAT32_ROWS = 16
 BLOCK = 32  # weights per block, along the input dimension
 # A weight counts as on a block's grid when it is within this share of one quantization step of it: weights
@@ -62,13 +63,13 @@ def float32_layers(quantize: str) -> LayerMaker:
             return float32(linear)
         output_layer = name.split(".")[-1] == "lm_head"
         if quantize == "int8" or (quantize == "int4" and output_layer):  # llama.cpp's Q4 files keep it at 8 bits
-            return BlockLinear(linear, bits=8)
+            return BlockLinear(quantize_blocks(linear.weight, 8), linear.bias)
         if quantize == "int4":
-            return BlockLinear(linear, bits=4)
+            return BlockLinear(quantize_blocks(linear.weight, 4), linear.bias)
         for bits in (4, 8):  # auto: the fewest bits that hold these weights exactly
-            blocks = quantize_blocks(linear.weight, bits)
-            if blocks.exact:
-                return BlockLinear(linear, bits=bits, blocks=blocks)
+            blocks = quantize_blocks(linear.weight, bits, only_exact=True)
+            if blocks is not None:
+                return BlockLinear(blocks, linear.bias)
         return float32(linear)
 
     return layer
@@ -98,10 +99,19 @@ class Blocks:
 _QUANTIZE_ROWS = 2048
 
 
-def quantize_blocks(weight: torch.Tensor, bits: int) -> Blocks:
+@overload
+def quantize_blocks(weight: torch.Tensor, bits: int) -> Blocks: ...
+@overload
+def quantize_blocks(weight: torch.Tensor, bits: int, *, only_exact: bool) -> Blocks | None: ...
+def quantize_blocks(weight: torch.Tensor, bits: int, *, only_exact: bool = False) -> Blocks | None:
     """`weight` in llama.cpp's Q4_1 (bits=4: scale * q + min, q in 0..15) or Q8_0 (bits=8: scale * q, q in
-    -127..127) blocks; weights that were dequantized from such blocks come back exactly."""
-    chunks = [_quantize_rows(rows, bits) for rows in torch.split(weight.detach(), _QUANTIZE_ROWS)]
+    -127..127) blocks; weights that were dequantized from such blocks come back exactly. With `only_exact`, None as
+    soon as a chunk of rows is off the grid (the rest is not quantized for nothing)."""
+    chunks = []
+    for rows in torch.split(weight.detach(), _QUANTIZE_ROWS):
+        chunks.append(_quantize_rows(rows, bits))
+        if only_exact and not chunks[-1].exact:
+            return None
     return Blocks(
         bits,
         torch.cat([chunk.data for chunk in chunks]),
@@ -144,20 +154,21 @@ class BlockLinear(torch.nn.Module):
     float32 matrix products on tiles of the weights dequantized in the CPU's cache, which is faster there.
     """
 
-    def __init__(self, linear: torch.nn.Linear, *, bits: int, blocks: Blocks | None = None) -> None:
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        blocks = blocks or quantize_blocks(linear.weight, bits)
-        self.bits = bits
+        self.bits = blocks.bits
+        self.out_features = blocks.data.shape[0]
+        self.in_features = blocks.data.shape[1] * (2 if blocks.bits == 4 else 1)
+        self.data: torch.Tensor
+        self.scales: torch.Tensor
         self.register_buffer("data", blocks.data)
         self.register_buffer("scales", blocks.scales)
-        self.bias = linear.bias
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         product = torch.ops.chipi.q4_linear if self.bits == 4 else torch.ops.chipi.q8_linear
-        y: torch.Tensor = product(rows, self.data, self.scales)
+        y: torch.Tensor = product(rows, self.data, self.scales, FLOAT32_ROWS)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -35,6 +35,7 @@ SUPPORTED_MODEL_TYPES = {"llama"}
 def supports(model: Any) -> bool:
     """True for a model this forward computes exactly like transformers does."""
     config = model.config
+    rope_type = str(getattr(model.model.rotary_emb, "rope_type", "default"))
     return (
         config.model_type in SUPPORTED_MODEL_TYPES
         and getattr(config, "hidden_act", "silu") == "silu"
@@ -43,63 +44,111 @@ def supports(model: Any) -> bool:
         and getattr(config, "pretraining_tp", 1) == 1
         and model.dtype == torch.float32
         # rotary frequencies fixed at load: not the kinds transformers recomputes as the sequence grows
-        and "dynamic" not in str(getattr(model.model.rotary_emb, "rope_type", "default"))
-        and getattr(model.model.rotary_emb, "rope_type", "default") != "longrope"
+        and "dynamic" not in rope_type
+        and rope_type != "longrope"
     )
 
 
 LayerMaker = Callable[[str, nn.Linear], nn.Module]  # (the layer's name, its fused Linear) -> the layer to run
+LINEAR_PARTS = ("qkv", "output", "gate_up", "down")  # each decoder layer's linear layers, by attribute name
 
 
-class _Layer(nn.Module):
-    def __init__(self, name: str, layer: Any, heads: int, kv_heads: int, head_dim: int, make: LayerMaker) -> None:
+class DecoderLayer(nn.Module):
+    """One decoder layer: its four (fused) linear layers and its two norms' weights."""
+
+    def __init__(
+        self,
+        qkv: nn.Module,
+        output: nn.Module,
+        gate_up: nn.Module,
+        down: nn.Module,
+        attention_norm: torch.Tensor,
+        mlp_norm: torch.Tensor,
+    ) -> None:
         super().__init__()
-        attention, mlp = layer.self_attn, layer.mlp
-        pairs = _rotary_pairs(head_dim)
-        query = attention.q_proj.weight.detach().view(heads, head_dim, -1)[:, pairs].flatten(0, 1)
-        key = attention.k_proj.weight.detach().view(kv_heads, head_dim, -1)[:, pairs].flatten(0, 1)
-        qkv = torch.cat([query, key, attention.v_proj.weight.detach()])
-        self.qkv = make(f"{name}.qkv", _linear(qkv))
-        self.output = make(f"{name}.output", _linear(attention.o_proj.weight.detach()))
-        gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
-        self.gate_up = make(f"{name}.gate_up", _linear(gate_up))
-        self.down = make(f"{name}.down", _linear(mlp.down_proj.weight.detach()))
-        self.attention_norm: torch.Tensor = layer.input_layernorm.weight
-        self.mlp_norm: torch.Tensor = layer.post_attention_layernorm.weight
+        self.qkv, self.output, self.gate_up, self.down = qkv, output, gate_up, down
+        self.attention_norm = attention_norm
+        self.mlp_norm = mlp_norm
+
+
+def _fused_layer(name: str, layer: Any, heads: int, kv_heads: int, head_dim: int, make: LayerMaker) -> DecoderLayer:
+    """A transformers Llama decoder layer with its projections fused (and q, k reordered for complex rotary)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    pairs = _rotary_pairs(head_dim)
+    query = attention.q_proj.weight.detach().view(heads, head_dim, -1)[:, pairs].flatten(0, 1)
+    key = attention.k_proj.weight.detach().view(kv_heads, head_dim, -1)[:, pairs].flatten(0, 1)
+    qkv = torch.cat([query, key, attention.v_proj.weight.detach()])
+    gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+    return DecoderLayer(
+        qkv=make(f"{name}.qkv", _linear(qkv)),
+        output=make(f"{name}.output", _linear(attention.o_proj.weight.detach())),
+        gate_up=make(f"{name}.gate_up", _linear(gate_up)),
+        down=make(f"{name}.down", _linear(mlp.down_proj.weight.detach())),
+        attention_norm=layer.input_layernorm.weight,
+        mlp_norm=layer.post_attention_layernorm.weight,
+    )
 
 
 class LlamaForward(nn.Module):
-    """The lean forward of a transformers Llama model, built from (and replacing) that model's weights.
+    """The lean forward of a Llama model: built from a transformers model (`from_transformers`), or from the
+    layers of one converted earlier (app/services/converted.py)."""
 
-    `make` turns each fused linear layer into the one to run (cpu_layers.float32_layers: packed or quantized) as it
-    is built, so that the float32 copies made by fusing never exist for the whole model at once.
-    """
-
-    def __init__(self, model: Any, make: LayerMaker = lambda name, linear: linear) -> None:
+    def __init__(
+        self,
+        config: Any,
+        generation_config: Any,
+        *,
+        embed: nn.Embedding,
+        layers: list[DecoderLayer],
+        norm: torch.Tensor,
+        lm_head: nn.Module,
+        inv_freq: torch.Tensor,
+        rotary_scaling: float,
+    ) -> None:
         super().__init__()
-        config = model.config
-        self.config = model.config
-        self.generation_config = model.generation_config
+        self.config = config
+        self.generation_config = generation_config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        decoder = model.model
-        self.embed = decoder.embed_tokens
-        layers = [
-            _Layer(f"layers.{index}", layer, self.heads, self.kv_heads, self.head_dim, make)
-            for index, layer in enumerate(decoder.layers)
-        ]
+        self.embed = embed
         self.layers = nn.ModuleList(layers)
-        self._layers = layers  # the same modules, typed
-        self.norm: torch.Tensor = decoder.norm.weight
-        self.lm_head = make("lm_head", _linear(model.lm_head.weight.detach()))
+        self.decoder_layers = layers  # the same modules, typed
+        self.norm = norm
+        self.lm_head = lm_head
         # What transformers' rotary embedding computes, this model's scaling (if any) included.
         self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", decoder.rotary_emb.inv_freq.float().clone(), persistent=False)
-        self.rotary_scaling = float(decoder.rotary_emb.attention_scaling)
-        # Chipi's kernels fuse the RMSNorm and the gated activation (a dozen PyTorch operations each) into one.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rotary_scaling = rotary_scaling
+        # The norm weights in the order the forward applies them: each layer's two, then the final one.
+        self._norms = [norm for layer in layers for norm in (layer.attention_norm, layer.mlp_norm)] + [norm]
+        # Chipi's kernels fuse the RMSNorm, the gated activation (a dozen PyTorch operations each) and a decode
+        # step's attention into one operation each.
         self._fused = kernels.available()
+
+    @classmethod
+    def from_transformers(cls, model: Any, make: LayerMaker = lambda name, linear: linear) -> LlamaForward:
+        """Built from (and replacing) a transformers model's weights. `make` turns each fused linear layer into the
+        one to run (cpu_layers.float32_layers: packed or quantized) as it is built, so that the float32 copies made
+        by fusing never exist for the whole model at once."""
+        config = model.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        decoder = model.model
+        return cls(
+            config,
+            model.generation_config,
+            embed=decoder.embed_tokens,
+            layers=[
+                _fused_layer(f"layers.{index}", layer, heads, kv_heads, head_dim, make)
+                for index, layer in enumerate(decoder.layers)
+            ],
+            norm=decoder.norm.weight,
+            lm_head=make("lm_head", _linear(model.lm_head.weight.detach())),
+            inv_freq=decoder.rotary_emb.inv_freq.float().clone(),
+            rotary_scaling=float(decoder.rotary_emb.attention_scaling),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -123,9 +172,9 @@ class LlamaForward(nn.Module):
         rotation = torch.polar(torch.full_like(angles, self.rotary_scaling), angles).unsqueeze(1)
         mask = _attention_mask(attention_mask, tokens)
         split = [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim]
-        norms = [norm for layer in self._layers for norm in (layer.attention_norm, layer.mlp_norm)] + [self.norm]
+        norms = self._norms
         normed = self._add_rms_norm(hidden, None, norms[0])
-        for index, layer in enumerate(self._layers):
+        for index, layer in enumerate(self.decoder_layers):
             qkv = layer.qkv(normed)
             query_key, value = qkv.split(split, dim=-1)
             # [rows, heads + kv_heads, tokens, head_dim / 2] complex pairs, rotated to their positions

@@ -18,6 +18,7 @@ from app.domain.errors import ModelUnavailableError
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
 from app.services import cpu_layers, llama_forward
+from app.services.converted import ConvertedModel
 from app.services.engine import DecodeEngine, EngineEvent, Finished
 from app.services.llama_forward import LlamaForward
 from app.services.own_thread import call_in_own_thread
@@ -102,14 +103,19 @@ def _resolve_dtype(setting: str) -> torch.dtype:
 
 
 def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
+    converted = ConvertedModel.for_settings(source, settings)
+    if converted is not None and (forward := converted.load()) is not None:
+        return forward
     model: Any = AutoModelForCausalLM.from_pretrained(
         source, dtype=_resolve_dtype(settings.dtype), device_map=device_map
     )
     model.eval()
     if model.device.type == "cpu":
         if llama_forward.supports(model):
-            lean = LlamaForward(model, cpu_layers.float32_layers(settings.quantize))
+            lean = LlamaForward.from_transformers(model, cpu_layers.float32_layers(settings.quantize))
             cpu_layers.own_remaining_parameters(lean)
+            if converted is not None:
+                converted.save(lean)
             return lean
         return cpu_layers.prepare_for_cpu(model, quantize=settings.quantize)
     if settings.quantize in ("int8", "int4"):

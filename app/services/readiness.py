@@ -81,6 +81,10 @@ class Readiness:
         self._loader = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
+        """The model and the speech models, side by side: each is ready (and reported so) when its own load ends."""
+        await asyncio.gather(self._load_model(), self._load_speech())
+
+    async def _load_model(self) -> None:
         try:
             if self._settings.remote_base_url:
                 self._model = await RemoteModelService.connect(self._settings)
@@ -94,6 +98,8 @@ class Readiness:
         except Exception as exc:
             self.chat.error = str(exc) or type(exc).__name__
             logger.exception("the model failed to load")
+
+    async def _load_speech(self) -> None:
         try:
             self.speech.value = await run_in_own_thread(SpeechService.load, self._settings, abandon_on_cancel=True)
         except Exception as exc:

@@ -24,9 +24,6 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-// Products of at least this many rows (reading a prompt) run as float32 matrix products on dequantized tiles: the
-// block kernel unpacks each block once per 4 rows, which is slower there.
-constexpr int64_t kMatrixRows = 16;
 // From this many rows on, each tile's product is large enough to share between threads.
 constexpr int64_t kLargeRows = 256;
 
@@ -162,7 +159,8 @@ template <bool kQ4>
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales);
 
 template <bool kQ4>
-at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, const at::Tensor& scales) {
+at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, const at::Tensor& scales,
+                            int64_t matrix_rows) {
   const int64_t K = input.size(-1);
   const int64_t N = scales.size(0);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "chipi quantized_linear: float32 input expected");
@@ -174,7 +172,7 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   const int64_t M = x.size(0);
   auto shape = input.sizes().vec();
   shape.back() = N;
-  if (M >= kMatrixRows) return tiled_linear<kQ4>(x, weights, scales).view(shape);
+  if (M >= matrix_rows) return tiled_linear<kQ4>(x, weights, scales).view(shape);
   const int64_t blocks = K / kBlock;
   const float* xp = x.data_ptr<float>();
   std::vector<int16_t> x16(M * K);
@@ -277,11 +275,11 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at
   return out;
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
-  return quantized_linear<true>(x, w, s);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t matrix_rows) {
+  return quantized_linear<true>(x, w, s, matrix_rows);
 }
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
-  return quantized_linear<false>(x, w, s);
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t matrix_rows) {
+  return quantized_linear<false>(x, w, s, matrix_rows);
 }
 at::Tensor q4_dequantize(const at::Tensor& w, const at::Tensor& s) { return dequantize<true>(w, s); }
 at::Tensor q8_dequantize(const at::Tensor& w, const at::Tensor& s) { return dequantize<false>(w, s); }
@@ -443,8 +441,9 @@ at::Tensor silu_mul(const at::Tensor& input) {
 }  // namespace
 
 TORCH_LIBRARY(chipi, m) {
-  m.def("q4_linear(Tensor x, Tensor weights, Tensor scales) -> Tensor", q4_linear);
-  m.def("q8_linear(Tensor x, Tensor weights, Tensor scales) -> Tensor", q8_linear);
+  // matrix_rows: from this many rows of x on, float32 matrix products on dequantized tiles (cpu_layers.FLOAT32_ROWS)
+  m.def("q4_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q4_linear);
+  m.def("q8_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q8_linear);
   m.def("q4_dequantize(Tensor weights, Tensor scales) -> Tensor", q4_dequantize);
   m.def("q8_dequantize(Tensor weights, Tensor scales) -> Tensor", q8_dequantize);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
