@@ -42,14 +42,19 @@ async def first_token_seconds(client: httpx.AsyncClient, session_id: str, prompt
     return (await stream_reply(client, session_id, prompt)).first_token_seconds
 
 
-async def play(servers: dict[str, ChipiServer], turns: int) -> dict[str, list[float]]:
+async def play(servers: dict[str, ChipiServer], turns: int, opening: str = "") -> dict[str, list[float]]:
+    """One conversation of `turns` turns on each server; the time to first token of each turn. A distinct
+    `opening` (before the first question) keeps a conversation from reusing another's keys and values."""
     clients = {name: httpx.AsyncClient(base_url=server.url, timeout=300) for name, server in servers.items()}
     try:
         sessions = {name: (await c.post("/api/conversations/new")).json()["session_id"] for name, c in clients.items()}
         ttfts: dict[str, list[float]] = {name: [] for name in servers}
         for turn in range(turns):
+            question = QUESTIONS[turn % len(QUESTIONS)]
+            if turn == 0:
+                question = opening + question
             for name, client in clients.items():
-                ttfts[name].append(await first_token_seconds(client, sessions[name], QUESTIONS[turn % len(QUESTIONS)]))
+                ttfts[name].append(await first_token_seconds(client, sessions[name], question))
         return ttfts
     finally:
         for client in clients.values():
@@ -75,8 +80,8 @@ def main() -> None:
         ) as off,
     ):
         servers = {"cached": on, "plain": off}
-        asyncio.run(play(servers, 1))  # warm-up, in a conversation of its own
-        runs = [asyncio.run(play(servers, args.turns)) for _ in range(args.conversations)]
+        asyncio.run(play(servers, 1, "Hello. "))  # warm-up, in a conversation of its own
+        runs = [asyncio.run(play(servers, args.turns, f"Conversation {n}. ")) for n in range(args.conversations)]
     last = args.turns
     ms = {
         name: [statistics.median(run[name][turn] for run in runs) * 1000 for turn in (0, last - 1)]

@@ -54,9 +54,16 @@ def test_trim_history_drops_the_oldest_turns_and_starts_at_a_user_turn() -> None
     assert len(calls) <= 3  # a binary search, not one call per turn
 
 
-def test_trim_history_keeps_everything_that_fits() -> None:
+def test_trim_history_keeps_everything_that_fits_after_one_try() -> None:
     turns = [("user", 1), ("assistant", 1), ("user", 1)]
-    assert list(trim_history(turns, lambda _: True, can_start=lambda t: t[0] == "user")) == turns
+    tried: list[object] = []
+
+    def fits(candidate: object) -> bool:
+        tried.append(candidate)
+        return True
+
+    assert list(trim_history(turns, fits, can_start=lambda t: t[0] == "user")) == turns
+    assert len(tried) == 1  # the chat template runs once for a conversation that fits whole
 
 
 def test_trim_history_refuses_a_last_turn_that_cannot_fit() -> None:

@@ -80,14 +80,17 @@ def trim_history(
 
     The oldest turns are dropped first. The last turn (the new user message) is always kept; if even it alone
     does not fit, the prompt is too large. Fitting is monotonic in the number of turns, so a binary search over
-    the possible starts needs only O(log n) calls to `fits`, each of which may run the chat template.
+    the possible starts needs only O(log n) calls to `fits`, each of which may run the chat template; the usual
+    case, a whole history that fits, needs one.
     """
     starts = [index for index, turn in enumerate(turns) if can_start(turn)]
     if not starts or starts[-1] != len(turns) - 1:
         raise ValueError("the last turn must be one a conversation can start with")
-    if not fits(turns[starts[-1] :]):
+    if fits(turns[starts[0] :]):
+        return turns[starts[0] :]
+    if len(starts) == 1 or not fits(turns[starts[-1] :]):
         raise TooLargeError("the message does not fit in the model's context window", field="content")
-    lo, hi = 0, len(starts) - 1  # turns[starts[hi]:] fits; find the smallest such start
+    lo, hi = 1, len(starts) - 1  # turns[starts[hi]:] fits and turns[starts[0]:] does not; find the smallest start
     while lo < hi:
         mid = (lo + hi) // 2
         if fits(turns[starts[mid] :]):
