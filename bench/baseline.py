@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.services.model import ModelService, Prompt
+from app.domain.generation import Prompt
+from app.services.model import ModelService
 
 
 def plain_generate(model: ModelService, prompt: Prompt, max_tokens: int) -> tuple[int, float]:

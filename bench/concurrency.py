@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from app.assets import ensure_default_model
-from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
+from app.services.model import ModelService
 from app.settings import Settings
 from bench.baseline import plain_generate
 

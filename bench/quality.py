@@ -18,7 +18,8 @@ import threading
 from pathlib import Path
 
 from app.assets import ensure_default_model
-from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, TextDelta
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, TextDelta
+from app.services.model import ModelService
 from app.settings import Settings
 
 # Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE); the first is the reference.

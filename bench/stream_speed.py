@@ -21,7 +21,8 @@ import httpx
 import torch
 
 from app.assets import convert_default_model, ensure_default_model
-from app.services.model import ChatTurn, ModelService
+from app.domain.generation import ChatTurn
+from app.services.model import ModelService
 from app.settings import Settings
 from bench.baseline import plain_generate
 from bench.client import stream_reply

@@ -37,7 +37,8 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from app.assets import ensure_default_model
-from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
+from app.services.model import ModelService
 from app.settings import Settings
 from bench import llama_cpp
 from bench.api_concurrency import level

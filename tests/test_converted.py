@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from app.domain.generation import ChatTurn
 from app.services import kernels
 from app.services import model as model_module
-from app.services.model import ChatTurn, ModelService
+from app.services.model import ModelService
 from app.settings import Settings
 from tests.model_helpers import last_logits
 

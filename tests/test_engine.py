@@ -16,10 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
 from app.services import kernels
 from app.services.cpu_layers import BlockLinear, PackedLinear, onednn_packs_linears
 from app.services.engine import DecodeEngine
-from app.services.model import ChatTurn, GenerationFinished, GenerationParams, ModelService, Prompt, TextDelta
+from app.services.model import ModelService
 from app.settings import Settings
 from tests.model_helpers import last_logits
 

@@ -18,6 +18,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from app.controllers.auth import KEY_REQUIRED
 from app.controllers.openapi import COMPLETION_STREAM_EVENT, openai_error_responses, success_content
 from app.domain.errors import InvalidInputError, ModelUnavailableError, NotFoundError
+from app.domain.generation import ChatTurn
 from app.domain.openai import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -34,7 +35,6 @@ from app.domain.openai import (
 )
 from app.domain.reasoning import Piece
 from app.services.chat import TIME_LIMIT_REASON, ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
-from app.services.model import ChatTurn
 
 _STARTED = int(time.time())
 

@@ -27,6 +27,7 @@ from advanced_alchemy.config import SQLAlchemyAsyncConfig
 
 from app.db import database_unavailable
 from app.domain.errors import BusyError, ConflictError, InvalidInputError, NotFoundError, ShuttingDownError
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt
 from app.domain.models import Conversation, Message, MessageStatus, Role
 from app.domain.reasoning import Piece, ReasoningSplitter
 from app.domain.rules import clean_prompt
@@ -34,7 +35,6 @@ from app.domain.schemas import Usage
 from app.domain.stop_sequences import StopSequences
 from app.observability import record_first_token, record_generated_tokens
 from app.services.conversations import ConversationService, Edit, NewMessage, PlannedTurn, TurnRequest
-from app.services.model import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt
 from app.services.titles import TitleService
 from app.settings import Settings
 

@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from app.domain.errors import ModelUnavailableError
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt, TextDelta
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
 from app.services import cpu_layers, llama_forward
@@ -26,43 +26,6 @@ from app.services.prefix_cache import PrefixCache
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Token ids ready for the model, and how many of the offered turns survived trimming."""
-
-    token_ids: list[int]
-    turns_used: int
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = None  # makes sampling repeatable
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class GenerationFinished:
-    finish_reason: str  # stop | length | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-
-
-GenerationOutput = TextDelta | GenerationFinished
 
 
 class _IncrementalDecoder:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 from sqlalchemy import text
@@ -17,11 +17,13 @@ from sqlalchemy import text
 from app.domain.errors import NotReadyError
 from app.domain.schemas import ComponentHealth, Health
 from app.services.chat import ChatService
-from app.services.model import ModelService
 from app.services.own_thread import run_in_own_thread
 from app.services.remote import RemoteModelService
 from app.services.speech import SpeechService, VoiceChatService
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.services.model import ModelService
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class Readiness:
                 self._model = await RemoteModelService.connect(self._settings)
             else:
                 # Threads of their own (see app/services/own_thread.py); cancelling abandons a load, it runs on.
-                self._model = await run_in_own_thread(ModelService.load, self._settings, abandon_on_cancel=True)
+                self._model = await run_in_own_thread(_load_model, self._settings, abandon_on_cancel=True)
             chat = ChatService(self._model, self._db_config, self._settings)
             chat.start()
             self.chat.value = chat
@@ -164,3 +166,11 @@ class Readiness:
             await self.chat.value.shutdown()
         if self._model is not None:
             await self._model.aclose()
+
+
+def _load_model(settings: Settings) -> ModelService:
+    """The local model, with its stack (PyTorch, transformers) imported here, in the loading thread: the server
+    starts answering (health, conversations) about 2 s sooner than if the web layer imported it."""
+    from app.services.model import ModelService
+
+    return ModelService.load(settings)

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from app.domain.errors import ModelUnavailableError
+from app.domain.generation import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt, TextDelta
 from app.domain.reasoning import CLOSE_TAG, OPEN_TAG
 from app.domain.rules import trim_history
-from app.services.model import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt, TextDelta
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ from uuid import UUID
 
 from advanced_alchemy.config import SQLAlchemyAsyncConfig
 
+from app.domain.generation import ChatTurn, GenerationParams, TextDelta
 from app.domain.models import Role, TitleSource
 from app.domain.reasoning import ReasoningSplitter
 from app.domain.rules import clean_model_title
 from app.services.conversations import ConversationService
-from app.services.model import ChatTurn, GenerationParams, TextDelta
 
 if TYPE_CHECKING:
     from app.services.chat import LanguageModel
