@@ -139,6 +139,7 @@ def _forward_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fo
     bits = json.loads(metadata["bits"])
 
     def block(name: str) -> BlockLinear:
+        # exact: these blocks are the weights now (whatever rounding made them happened at the conversion)
         return BlockLinear(Blocks(bits[name], tensors[f"{name}.data"], tensors[f"{name}.scales"], exact=True))
 
     def weight(name: str) -> nn.Parameter:
