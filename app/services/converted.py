@@ -46,13 +46,18 @@ class ConvertedModel:
         self.fingerprint = _fingerprint(folder, settings, exclude=self.path)
 
     @classmethod
-    def for_settings(cls, source: str, settings: Settings) -> ConvertedModel | None:
+    def for_settings(cls, source: str, settings: Settings, dtype: torch.dtype) -> ConvertedModel | None:
         """None where the lean forward is not made of blocks: a hub id (no folder), CHIPI_QUANTIZE=none, a GPU,
-        float16 or bfloat16 weights, no kernels."""
+        weights (`dtype`, CHIPI_DTYPE resolved) other than float32, no kernels."""
         folder = Path(source)
         on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
-        float32 = settings.dtype in ("auto", "float32")  # auto is float32 on the CPU
-        if not folder.is_dir() or settings.quantize == "none" or not on_cpu or not float32 or not kernels.available():
+        if (
+            not folder.is_dir()
+            or settings.quantize == "none"
+            or not on_cpu
+            or dtype != torch.float32
+            or not kernels.available()
+        ):
             return None
         return cls(folder, settings)
 

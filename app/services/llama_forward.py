@@ -18,7 +18,6 @@ row's last token. Its linear layers are the precision's (app/services/cpu_layers
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from torch.nn import functional
 
 from app.services import kernels
+from app.services.cpu_layers import LayerMaker
 
 # Model types whose decoder layers are exactly transformers' LlamaDecoderLayer arithmetic (RMSNorm, rotary
 # embeddings on full heads, grouped-query attention, SiLU-gated MLP).
@@ -49,7 +49,6 @@ def supports(model: Any) -> bool:
     )
 
 
-LayerMaker = Callable[[str, nn.Linear], nn.Module]  # (the layer's name, its fused Linear) -> the layer to run
 LINEAR_PARTS = ("qkv", "output", "gate_up", "down")  # each decoder layer's linear layers, by attribute name
 
 
@@ -128,7 +127,7 @@ class LlamaForward(nn.Module):
         self._fused = kernels.available()
 
     @classmethod
-    def from_transformers(cls, model: Any, make: LayerMaker = lambda name, linear: linear) -> LlamaForward:
+    def from_transformers(cls, model: Any, make: LayerMaker) -> LlamaForward:
         """Built from (and replacing) a transformers model's weights. `make` turns each fused linear layer into the
         one to run (cpu_layers.float32_layers: packed or quantized) as it is built, so that the float32 copies made
         by fusing never exist for the whole model at once."""

@@ -66,12 +66,11 @@ def _resolve_dtype(setting: str) -> torch.dtype:
 
 
 def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
-    converted = ConvertedModel.for_settings(source, settings)
+    dtype = _resolve_dtype(settings.dtype)
+    converted = ConvertedModel.for_settings(source, settings, dtype)
     if converted is not None and (forward := converted.load()) is not None:
         return forward
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        source, dtype=_resolve_dtype(settings.dtype), device_map=device_map
-    )
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
     model.eval()
     if model.device.type == "cpu":
         if llama_forward.supports(model):
