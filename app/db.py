@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 from app.settings import Settings
 
@@ -44,6 +45,15 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _replace_connections_the_server_closed(_dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """Pool checkout: an idle connection with something to read was closed by the server (a restart or a terminated
+    backend sends its notice, then closes the socket); raising makes the pool replace it, so no request fails on it.
+    This is pool_pre_ping's guard without its round trip."""
+    connection = record.driver_connection
+    if connection is None or connection.closed or select.select([connection.fileno()], [], [], 0)[0]:
+        raise DisconnectionError("the database server closed this pooled connection")
+
+
 def _prepare_sqlite_folder(url: str) -> None:
     database = make_url(url).database
     if database and database != ":memory:":
@@ -61,11 +71,14 @@ def create_db_config(settings: Settings, *, pooled: bool = True) -> SQLAlchemyAs
         # libpq waits forever for a connection by default; a database that is down must fail requests fast.
         engine_options["connect_args"] = {"connect_timeout": max(1, round(settings.database_connect_timeout_seconds))}
         if pooled:
-            # pre-ping: connections the database dropped (a restart) are replaced instead of failing a request
-            engine_options.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+            # Connections past pool_size are closed when returned: a pool smaller than the usual number of concurrent
+            # requests would open (and PostgreSQL fork) a connection for most of them.
+            engine_options.update(pool_size=20, max_overflow=10)
     engine = create_async_engine(url, **engine_options)
     if is_sqlite:
         event.listen(engine.sync_engine, "connect", _enable_sqlite_pragmas)
+    elif pooled:
+        event.listen(engine.sync_engine, "checkout", _replace_connections_the_server_closed)
     return SQLAlchemyAsyncConfig(
         engine_instance=engine,
         session_config=AsyncSessionConfig(expire_on_commit=False),
@@ -73,6 +86,12 @@ def create_db_config(settings: Settings, *, pooled: bool = True) -> SQLAlchemyAs
         alembic_config=AlembicAsyncConfig(script_location=str(MIGRATIONS_DIR), version_table_name="alembic_version"),
         create_all=False,
     )
+
+
+def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
+    """`engine`'s pool, with each statement its own transaction: for reads, which then cost no BEGIN and ROLLBACK
+    round trips (under READ COMMITTED each statement sees its own snapshot anyway)."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def upgrade_database_sync(settings: Settings) -> None:

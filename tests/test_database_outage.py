@@ -141,7 +141,7 @@ async def test_postgres_stopped_mid_stream(cluster: PostgresCluster, tmp_path: P
                         sse_text += event.data
                     last = event
 
-            # Back without a restart: the first request after the database returned already works (pre-ping).
+            # Back without a restart: the first request after the database returned already works.
             assert (await client.get("/api/conversations")).status_code == 200
             assert (await client.get("/api/health")).status_code == 200
             again = await send_message(client, refused, "Say hello.", max_tokens=8)
@@ -197,3 +197,20 @@ async def test_a_reply_that_cannot_be_stored_is_marked_once_the_database_is_back
     assert user["role"] == "user" and user["content"] == LONG_PROMPT
     assert reply["status"] == "error" and reply["finish_reason"] == "interrupted"
     assert streamed.startswith(reply["content"])  # what was written before the outage
+
+
+async def test_a_restart_between_requests_fails_none(cluster: PostgresCluster) -> None:
+    """The database restarts while the server is idle, so every pooled connection is dead: the pool notices at
+    checkout (the server's closing notice is waiting on the socket) and connects anew, so not even the first
+    requests after the restart fail."""
+    with ChipiServer(cluster.url, CHIPI_STALE_STREAM_SECONDS="3600") as server:  # no sweep touches the pool
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            session_id = (await new_conversation(client))["session_id"]
+            before = await asyncio.gather(*(client.get("/api/conversations") for _ in range(8)))
+            assert [response.status_code for response in before] == [200] * 8  # several connections in the pool
+            cluster.stop()
+            cluster.start()
+            after = await asyncio.gather(*(client.get(f"/api/conversations/{session_id}") for _ in range(8)))
+            renamed = await client.patch(f"/api/conversations/{session_id}/title", json={"title": "After the restart"})
+    assert [response.status_code for response in after] == [200] * 8
+    assert renamed.status_code == 200, renamed.text
