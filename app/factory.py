@@ -17,6 +17,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.controllers.audio import AudioController, VoiceChatController
 from app.controllers.auth import PUBLIC, SECURITY_COMPONENTS, ApiKeyAuthMiddleware, provide_owner
@@ -26,7 +27,7 @@ from app.controllers.openai import OpenAIController
 from app.controllers.rate_limit import RateLimitMiddleware
 from app.controllers.socket import chat_socket
 from app.controllers.system import MetricsController, SystemController
-from app.db import create_db_config, upgrade_database
+from app.db import autocommit_engine, create_db_config, upgrade_database
 from app.observability import RequestLog, configure_access_log, prometheus_config, watch_readiness
 from app.services.chat import ChatService
 from app.services.conversations import ConversationService
@@ -82,6 +83,18 @@ def _provide_settings(state: State) -> Settings:
     return state.settings  # type: ignore[no-any-return]
 
 
+def _reader_provider(engine: AsyncEngine) -> Any:
+    """The `reader` dependency: a ConversationService for handlers that only read, its statements each their own
+    transaction (no BEGIN or ROLLBACK round trips). Handlers that write take `conversations`."""
+    reads = autocommit_engine(engine)
+
+    async def provide_reader() -> AsyncIterator[ConversationService]:
+        async with AsyncSession(reads, expire_on_commit=False) as session:
+            yield ConversationService(session=session)
+
+    return provide_reader
+
+
 def _cors_config(settings: Settings) -> CORSConfig | None:
     """Browsers on these origins may call the API (the key goes in the Authorization header, not a cookie)."""
     if not settings.cors_origins:
@@ -130,6 +143,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         plugins=[SQLAlchemyPlugin(config=db_config)],
         dependencies={
             "conversations": Provide(create_service_provider(ConversationService)),
+            "reader": Provide(_reader_provider(db_config.get_engine())),
             "chat": Provide(_provide_chat, sync_to_thread=False),
             "speech": Provide(_provide_speech, sync_to_thread=False),
             "voice_chat": Provide(_provide_voice_chat, sync_to_thread=False),

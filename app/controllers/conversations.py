@@ -113,7 +113,7 @@ class ConversationController(Controller):
     )
     async def list_conversations(
         self,
-        conversations: ConversationService,
+        reader: ConversationService,
         owner: str,
         limit: Annotated[int, Parameter(ge=1, le=100, description="Page size")] = 20,
         offset: Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="Conversations to skip")] = 0,
@@ -125,7 +125,7 @@ class ConversationController(Controller):
             ),
         ] = None,
     ) -> ConversationList:
-        items, total = await conversations.list_conversations(owner, q, limit=limit, offset=offset)
+        items, total = await reader.list_conversations(owner, q, limit=limit, offset=offset)
         return ConversationList([conversation_out(c) for c in items], total=total, limit=limit, offset=offset)
 
     @post(
@@ -201,12 +201,12 @@ class ConversationController(Controller):
     )
     async def export_conversation(
         self,
-        conversations: ConversationService,
+        reader: ConversationService,
         owner: str,
         conversation_id: UUID,
         format: Annotated[Literal["json", "markdown"], Parameter(description="json or markdown")] = "json",
     ) -> Response[bytes]:
-        exported = await conversations.export_file(owner, conversation_id, format)
+        exported = await reader.export_file(owner, conversation_id, format)
         disposition = f'attachment; filename="{exported.filename}"'
         return Response(exported.content, media_type=exported.media_type, headers={"Content-Disposition": disposition})
 
@@ -218,12 +218,12 @@ class ConversationController(Controller):
     )
     async def get_conversation(
         self,
-        conversations: ConversationService,
+        reader: ConversationService,
         owner: str,
         conversation_id: UUID,
         tree: Annotated[bool, Parameter(description="Every message of every branch instead of the active one")] = False,
     ) -> ConversationDetail:
-        conversation, messages = await conversations.get_with_messages(owner, conversation_id, tree=tree)
+        conversation, messages = await reader.get_with_messages(owner, conversation_id, tree=tree)
         return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])
 
     @delete(

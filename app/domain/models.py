@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Protocol
 from uuid import UUID
 
 from advanced_alchemy.base import UUIDv7AuditBase
@@ -63,6 +64,33 @@ class Message(UUIDv7AuditBase):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     finish_reason: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class StoredMessage(Protocol):
+    """A message as read for display or export: a Message, or a plain row of its table (cheaper to load)."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def parent_id(self) -> UUID | None: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def reasoning(self) -> str | None: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
 
 
 class ApiKey(UUIDv7AuditBase):

@@ -8,7 +8,7 @@ from uuid import UUID
 
 import msgspec
 
-from app.domain.models import Conversation, Message
+from app.domain.models import Conversation, StoredMessage
 
 
 class Pong(msgspec.Struct):
@@ -192,7 +192,7 @@ def conversation_out(conversation: Conversation, shape: type[C] = ConversationOu
     )
 
 
-def message_out(message: Message) -> MessageOut:
+def message_out(message: StoredMessage) -> MessageOut:
     return MessageOut(
         id=message.id,
         role=message.role,

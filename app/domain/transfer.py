@@ -10,7 +10,7 @@ from uuid import UUID
 import msgspec
 
 from app.domain.errors import InvalidInputError
-from app.domain.models import Conversation, Message, Role
+from app.domain.models import Conversation, Role, StoredMessage
 
 EXPORT_FORMAT: Literal["chipi.conversation"] = "chipi.conversation"
 EXPORT_VERSION: Literal[1] = 1
@@ -52,7 +52,7 @@ class ConversationExport(msgspec.Struct, kw_only=True):
     messages: list[MessageExport]
 
 
-def export_conversation(conversation: Conversation, messages: Sequence[Message]) -> ConversationExport:
+def export_conversation(conversation: Conversation, messages: Sequence[StoredMessage]) -> ConversationExport:
     return ConversationExport(
         session_id=conversation.id,
         title=conversation.title,
@@ -131,7 +131,7 @@ def import_order(export: ConversationExport, *, max_title_chars: int) -> list[Me
 _ROLE_HEADINGS = {Role.SYSTEM.value: "System", Role.USER.value: "User", Role.ASSISTANT.value: "Assistant"}
 
 
-def render_markdown(conversation: Conversation, branch: Sequence[Message]) -> str:
+def render_markdown(conversation: Conversation, branch: Sequence[StoredMessage]) -> str:
     """The active branch as a readable Markdown document: a heading per message, reasoning folded away."""
     lines = [
         f"# {conversation.title}",

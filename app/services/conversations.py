@@ -20,7 +20,7 @@ from uuid_utils.compat import uuid7
 
 from app.domain.branches import active_path, newest_leaf_under, path_to
 from app.domain.errors import InvalidInputError, NotFoundError
-from app.domain.models import Conversation, Message, MessageStatus, Role, TitleSource
+from app.domain.models import Conversation, Message, MessageStatus, Role, StoredMessage, TitleSource
 from app.domain.rules import DEFAULT_TITLE, ConversationLimits, auto_title, search_terms
 from app.domain.transfer import (
     ConversationExport,
@@ -217,10 +217,11 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
 
     async def get_with_messages(
         self, owner: str, conversation_id: UUID, *, tree: bool = False
-    ) -> tuple[Conversation, list[Message]]:
-        """A conversation and its active branch (or, with `tree`, every message of every branch), oldest first."""
+    ) -> tuple[Conversation, list[StoredMessage]]:
+        """A conversation and its active branch (or, with `tree`, every message of every branch), oldest first, to
+        show or export."""
         conversation = await self.get_conversation(owner, conversation_id)
-        messages = await self.messages.list_for_conversation(conversation_id)
+        messages: Sequence[StoredMessage] = await self.messages.read_for_conversation(conversation_id)
         return conversation, list(messages) if tree else active_path(messages, conversation.active_message_id)
 
     async def rename(self, owner: str, conversation_id: UUID, title: str) -> None:
