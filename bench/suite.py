@@ -11,7 +11,8 @@ Every figure that compares is measured side by side in this run, so the ratios h
   growing conversation (medians over --runs conversations);
 - aggregate tokens/s for 1, 4 and 8 concurrent streams;
 - HTTP requests/s and p50/p99 latency of list and get (a conversation of 100 messages) on PostgreSQL, under a
-  concurrent load generator running on the same machine (it takes CPU from the server, so the figures are a floor);
+  concurrent load generator running on the same machine (bench/http_load.py: lean, but it and PostgreSQL still take
+  CPU from the server, so the figures are a floor);
 - time from process start to ready, and the server's peak resident memory with the model, whisper and the voice
   loaded.
 """
@@ -40,7 +41,7 @@ from app.assets import ensure_default_model
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
 from app.services.model import ModelService
 from app.settings import Settings
-from bench import llama_cpp
+from bench import http_load, llama_cpp
 from bench.api_concurrency import level
 from bench.client import StreamedReply, stream_reply
 from bench.report import print_table
@@ -113,31 +114,6 @@ def conversation_export(messages: int) -> dict[str, Any]:
     }
 
 
-async def load(base_url: str, path: str, seconds: float, concurrency: int) -> tuple[float, float, float, int]:
-    """(requests/s, p50 ms, p99 ms, failures) of GET `path` from `concurrency` clients for `seconds`."""
-    latencies: list[float] = []
-    failures = 0
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
-
-        async def worker() -> None:
-            nonlocal failures
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                response = await client.get(path)
-                latencies.append(time.perf_counter() - started)
-                failures += response.status_code != 200
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    return len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000, failures
-
-
 async def http_rows(base_url: str, seconds: float, concurrency: int) -> list[tuple[str, str]]:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         for _ in range(30):  # a list page of 20 to return
@@ -147,12 +123,13 @@ async def http_rows(base_url: str, seconds: float, concurrency: int) -> list[tup
         session_id = imported.json()["session_id"]
     rows = []
     for name, path in (("list", "/api/conversations"), ("get, 100 messages", f"/api/conversations/{session_id}")):
-        await load(base_url, path, 1.0, concurrency)  # warm-up
-        rate, p50, p99, failures = await load(base_url, path, seconds, concurrency)
+        await http_load.load(base_url, path, 1.0, concurrency)  # warm-up
+        result = await http_load.load(base_url, path, seconds, concurrency)
         rows.append(
             (
-                f"PostgreSQL {name}: requests/s, p50 / p99 ({concurrency} clients)",
-                f"{rate:.0f}, {p50:.1f} / {p99:.1f} ms" + (f", {failures} failed" if failures else ""),
+                f"PostgreSQL {name}: requests/s, p50 / p99 ({concurrency} connections)",
+                f"{result.requests_per_second:.0f}, {result.p50_ms:.1f} / {result.p99_ms:.1f} ms"
+                + (f", {result.failures} failed" if result.failures else ""),
             )
         )
     return rows
