@@ -16,13 +16,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 from app.services import kernels
 from app.services.cpu_layers import BlockLinear, Blocks
@@ -32,7 +31,7 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 # The layout of this file and of the blocks in it; changing either must change this, making earlier files stale.
-FORMAT = "1"
+FORMAT = "2"
 # The checkpoint's files whose names, sizes and modification times the fingerprint covers.
 _CHECKPOINT_SUFFIXES = {".safetensors", ".bin", ".json"}
 
@@ -86,6 +85,9 @@ class ConvertedModel:
             "fingerprint": self.fingerprint,
             "bits": json.dumps(bits),
             "rotary_scaling": repr(forward.rotary_scaling),
+            # The model's config as its class resolved it (defaults included), read back as a plain PreTrainedConfig:
+            # Llama's own config class imports torch.distributed, about a second of a start.
+            "config": forward.config.to_json_string(use_diff=False),
         }
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
@@ -136,7 +138,7 @@ def _tensors_of(forward: LlamaForward) -> tuple[dict[str, torch.Tensor] | None, 
 
 
 def _forward_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], folder: Path) -> LlamaForward:
-    config: Any = AutoConfig.from_pretrained(folder)
+    config = PreTrainedConfig.from_dict(json.loads(metadata["config"]))
     try:
         generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:  # no generation_config.json: what transformers derives from the model's config

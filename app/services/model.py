@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from app.domain.errors import ModelUnavailableError
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt, TextDelta
@@ -85,6 +85,14 @@ def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
     return model
 
 
+def _load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer. AutoTokenizer reads the model's config only for its type and tokenizer class;
+    given it as a plain PreTrainedConfig, it does not import the model's own config class (Llama's pulls in
+    torch.distributed: about a second of a start that then loads a converted model)."""
+    config, _ = PreTrainedConfig.get_config_dict(source)
+    return AutoTokenizer.from_pretrained(source, config=PreTrainedConfig.from_dict(config))
+
+
 class ModelService:
     """One causal language model with its tokenizer and chat template, shared by every request.
 
@@ -121,7 +129,7 @@ class ModelService:
             raise ModelUnavailableError(f"model folder {source} does not exist; run `chipi fetch-models` first")
         started = time.perf_counter()
         device_map = "auto" if settings.device == "auto" else settings.device
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = _load_tokenizer(source)
         # Loading runs parallel PyTorch work; in a thread that then ends, so this caller's thread keeps no OpenMP team
         # that would slow the decode engine's (see app/services/own_thread.py).
         model = call_in_own_thread(_load_weights, source, settings, device_map)
