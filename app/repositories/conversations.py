@@ -52,7 +52,7 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
 
     async def list_recent(self, owner: str, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
         """A page of the owner's conversations, most recently updated first, and their total count."""
-        return await self.list_and_count(
+        return await self.get_many_and_count(
             LimitOffset(limit=limit, offset=offset),
             Conversation.owner == owner,
             order_by=[(Conversation.updated_at, True), (Conversation.id, True)],
