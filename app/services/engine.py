@@ -12,7 +12,7 @@ length, with an attention mask that hides the padding and explicit position ids 
 row's positions. Left padding means every row appends its next token in the same column, so one forward serves
 them all. Rows join by concatenation along the batch dimension and leave by `index_select`; columns that only ever
 held padding for the rows still present are trimmed away. Between joins and leaves, each step writes its new
-column in place (`_SpareRoomLayer`) instead of copying the whole cache as `DynamicCache` does.
+column in place (`SpareRoomLayer`) instead of copying the whole cache as `DynamicCache` does.
 
 With a prefix cache (app/services/prefix_cache.py), a new request's prefill starts from the stored keys and values
 of the longest prefix of its prompt that an earlier request fed (the history of a conversation's previous turns), and
@@ -43,6 +43,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache
 from app.services.llama_forward import LlamaForward
 from app.services.prefix_cache import PrefixCache
 
@@ -130,54 +131,6 @@ class _Request:
             self.cancelled.set()
 
 
-# Room the batch's cache keeps for tokens still to come, in columns. A full cache is copied into a larger one.
-_SPARE_COLUMNS = 128
-
-KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [rows, kv_heads, columns, head_dim]
-
-
-class _SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """A full-attention cache layer that writes each new token into room it keeps, instead of concatenating.
-
-    `DynamicLayer.update` concatenates, so every step copies the whole cache into newly allocated memory; at 8 rows on
-    a CPU that copy (and the page faults of the fresh allocation) took as long as the model's matmuls. Here `keys` and
-    `values` are views of larger buffers and a step writes one column in place; a full buffer moves into a larger one.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.device = keys.device
-        self.is_initialized = True
-        self._length = keys.shape[2]
-        self._key_room = self._room_for(keys)
-        self._value_room = self._room_for(values)
-        self._expose()
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self._length + key_states.shape[2]
-        if end > self._key_room.shape[2]:
-            self._key_room = self._room_for(self._key_room[:, :, : self._length], end)
-            self._value_room = self._room_for(self._value_room[:, :, : self._length], end)
-        self._key_room[:, :, self._length : end] = key_states
-        self._value_room[:, :, self._length : end] = value_states
-        self._length = end
-        self._expose()
-        return self.keys, self.values  # type: ignore[return-value]
-
-    def _expose(self) -> None:
-        self.keys = self._key_room[:, :, : self._length]
-        self.values = self._value_room[:, :, : self._length]
-
-    @staticmethod
-    def _room_for(filled: torch.Tensor, needed: int = 0) -> torch.Tensor:
-        rows, heads, length, head_dim = filled.shape
-        room = filled.new_empty(rows, heads, max(length, needed) + _SPARE_COLUMNS, head_dim)
-        room[:, :, :length] = filled
-        return room
-
-
 class _Batch:
     """The running rows and their shared, left-padded KV cache and attention mask."""
 
@@ -198,7 +151,7 @@ class _Batch:
         row_mask = torch.ones(1, new[0][0].shape[2], dtype=torch.long, device=new[0][0].device)
         if self.cache is None:
             self.rows, self.mask = [request], row_mask
-            if all(isinstance(layer, _SpareRoomLayer) for layer in prefilled.layers):
+            if all(isinstance(layer, SpareRoomLayer) for layer in prefilled.layers):
                 self.cache = prefilled  # already has room to grow: no need to copy it
             else:
                 self._hold(new)
@@ -241,12 +194,7 @@ class _Batch:
         return [(keys[index : index + 1], values[index : index + 1]) for keys, values in _key_values(self.cache)]
 
     def _hold(self, key_values: KeyValues) -> None:
-        self.cache = _spare_room_cache(key_values)
-
-
-def _spare_room_cache(key_values: KeyValues) -> Cache:
-    """A cache holding a copy of `key_values`, with room for more tokens after them."""
-    return Cache(layers=[_SpareRoomLayer(keys, values) for keys, values in key_values])
+        self.cache = spare_room_cache(key_values)
 
 
 def _key_values(cache: Cache) -> KeyValues:
@@ -362,7 +310,7 @@ class DecodeEngine:
             hit = self._prefix_cache.lookup(request.prompt_ids) if self._prefix_cache is not None else None
             known = hit.length if hit is not None else 0
             # A hit is copied once, into a cache with room to append the rest of the prompt in place.
-            cache = _spare_room_cache(hit.key_values) if hit is not None else DynamicCache()
+            cache = spare_room_cache(hit.key_values) if hit is not None else DynamicCache()
             device = self._model.device
             logits = self._logits(
                 input_ids=torch.tensor([request.prompt_ids[known:]], device=device),

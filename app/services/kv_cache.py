@@ -1,0 +1,71 @@
+"""The decode batch's key/value cache: per layer, buffers with room for the tokens still to come."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+# Room a layer keeps for tokens still to come, in columns. A full buffer is copied into a larger one.
+SPARE_COLUMNS = 128
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [rows, kv_heads, columns, head_dim]
+
+
+class SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """A full-attention cache layer that writes each new token into room it keeps, instead of concatenating.
+
+    `DynamicLayer.update` concatenates, so every step copies the whole cache into newly allocated memory; at 8 rows on
+    a CPU that copy (and the page faults of the fresh allocation) took as long as the model's matmuls. Here `keys` and
+    `values` are views of larger buffers and a step writes one column in place; a full buffer moves into a larger one.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.device = keys.device
+        self.is_initialized = True
+        self.length = keys.shape[2]
+        self._key_room = self._room_for(keys)
+        self._value_room = self._room_for(values)
+        self._expose()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        added = key_states.shape[2]
+        key_room, value_room = self.reserve(added)
+        key_room[:, :, self.length : self.length + added] = key_states
+        value_room[:, :, self.length : self.length + added] = value_states
+        self.advance(added)
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def reserve(self, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers `[rows, kv_heads, room, head_dim]`, with room for `columns` more tokens after
+        the `length` held; the caller writes them there and then calls `advance`."""
+        end = self.length + columns
+        if end > self._key_room.shape[2]:
+            self._key_room = self._room_for(self._key_room[:, :, : self.length], end)
+            self._value_room = self._room_for(self._value_room[:, :, : self.length], end)
+        return self._key_room, self._value_room
+
+    def advance(self, columns: int) -> None:
+        """Count `columns` more tokens as held (written into the buffers `reserve` returned)."""
+        self.length += columns
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._key_room[:, :, : self.length]
+        self.values = self._value_room[:, :, : self.length]
+
+    @staticmethod
+    def _room_for(filled: torch.Tensor, needed: int = 0) -> torch.Tensor:
+        rows, heads, length, head_dim = filled.shape
+        room = filled.new_empty(rows, heads, max(length, needed) + SPARE_COLUMNS, head_dim)
+        room[:, :, :length] = filled
+        return room
+
+
+def spare_room_cache(key_values: KeyValues) -> Cache:
+    """A cache holding a copy of `key_values`, with room for more tokens after them."""
+    return Cache(layers=[SpareRoomLayer(keys, values) for keys, values in key_values])
