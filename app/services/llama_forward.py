@@ -14,6 +14,10 @@ took as long as the products. This forward computes the same function with a thi
 It takes what the decode engine gives transformers' forward (token ids, the attention mask over the cache's columns,
 position ids, a transformers Cache whose layers' `update` appends keys and values) and returns the logits of each
 row's last token. Its linear layers are the precision's (app/services/cpu_layers.py).
+
+A decode step of a model whose every product is in blocks, on the engine's cache with room to write into
+(kv_cache.SpareRoomLayer), runs all its layers in one call of Chipi's kernels (`decode_layers`): the same operations,
+without the Python and dispatch between them, which on a slow 2-core machine took as long as the products.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch import nn
 from torch.nn import functional
 
 from app.services import kernels
-from app.services.cpu_layers import LayerMaker
+from app.services.cpu_layers import FLOAT32_ROWS, BlockLinear, LayerMaker
+from app.services.kv_cache import SpareRoomLayer
 
 # Model types whose decoder layers are exactly transformers' LlamaDecoderLayer arithmetic (RMSNorm, rotary
 # embeddings on full heads, grouped-query attention, SiLU-gated MLP).
@@ -125,6 +130,7 @@ class LlamaForward(nn.Module):
         # Chipi's kernels fuse the RMSNorm, the gated activation (a dozen PyTorch operations each) and a decode
         # step's attention into one operation each.
         self._fused = kernels.available()
+        self._step = _decode_step_tensors(layers) if self._fused else None
 
     @classmethod
     def from_transformers(cls, model: Any, make: LayerMaker) -> LlamaForward:
@@ -170,6 +176,9 @@ class LlamaForward(nn.Module):
         angles = position_ids.unsqueeze(-1).float() * self.inv_freq  # [rows, tokens, head_dim / 2]
         rotation = torch.polar(torch.full_like(angles, self.rotary_scaling), angles).unsqueeze(1)
         mask = _attention_mask(attention_mask, tokens)
+        if tokens == 1 and self._step is not None and all(isinstance(layer, SpareRoomLayer) for layer in cache.layers):
+            padding = None if mask is None else attention_mask
+            return self.lm_head(self._decode_layers(hidden, rotation, padding, cache.layers)[:, -1])  # type: ignore[no-any-return]
         split = [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim]
         norms = self._norms
         normed = self._add_rms_norm(hidden, None, norms[0])
@@ -191,6 +200,35 @@ class LlamaForward(nn.Module):
         last = normed[:, -1]
         logits: torch.Tensor = self.lm_head(last)
         return logits
+
+    def _decode_layers(
+        self, hidden: torch.Tensor, rotation: torch.Tensor, padding: torch.Tensor | None, layers: list[SpareRoomLayer]
+    ) -> torch.Tensor:
+        """The final norm of a decode step's residual stream, every layer run by `decode_layers`, which writes each
+        layer's new key and value into the cache's room."""
+        assert self._step is not None
+        weights, bits = self._step
+        length = layers[0].length
+        rooms = [layer.reserve(1) for layer in layers]
+        normed = torch.ops.chipi.decode_layers(
+            hidden,
+            weights,
+            bits,
+            [keys for keys, _ in rooms],
+            [values for _, values in rooms],
+            length,
+            torch.view_as_real(rotation[:, 0, 0]),  # [rows, head_dim / 2, 2]: (cos, sin) times the scaling
+            padding,
+            self.norm,
+            self.heads,
+            self.kv_heads,
+            self.eps,
+            self.head_dim**-0.5,
+            FLOAT32_ROWS,
+        )
+        for layer in layers:
+            layer.advance(1)
+        return normed  # type: ignore[no-any-return]
 
     def _add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
         """Add `delta` to the residual stream `hidden` in place (a residual connection), and return its RMSNorm."""
@@ -226,6 +264,22 @@ class LlamaForward(nn.Module):
             return torch.ops.chipi.silu_mul(gate_up)  # type: ignore[no-any-return]
         gate, up = gate_up.chunk(2, dim=-1)
         return functional.silu(gate) * up
+
+
+def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor], list[int]] | None:
+    """decode_layers' weights (per layer: each product's blocks and scales, then the two norms) and the products'
+    bits; None unless every product is in blocks, without a bias."""
+    weights: list[torch.Tensor] = []
+    bits: list[int] = []
+    for layer in layers:
+        products = [getattr(layer, part) for part in LINEAR_PARTS]
+        if not all(isinstance(product, BlockLinear) and product.bias is None for product in products):
+            return None
+        for product in products:
+            weights += [product.data, product.scales]
+            bits.append(product.bits)
+        weights += [layer.attention_norm, layer.mlp_norm]
+    return weights, bits
 
 
 def _attention_mask(attention_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:

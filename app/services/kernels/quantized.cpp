@@ -464,6 +464,72 @@ at::Tensor silu_mul(const at::Tensor& input) {
   return out;
 }
 
+// Rotates each head's (even, odd) pairs of the first `heads` heads of every row of x [R, 1, width] in place by
+// rotation [R, D / 2, 2]: each row's (cos, sin) per pair, times the rotary scaling, at the row's position. The
+// complex product LlamaForward.forward computes, the weights' rows being stored pair by pair (_rotary_pairs).
+void rotate_heads(at::Tensor& x, const at::Tensor& rotation, int64_t heads, int64_t D) {
+  const int64_t R = x.size(0), width = x.size(-1), half = D / 2;
+  float* xp = x.data_ptr<float>();
+  const float* rp = rotation.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const float* cos_sin = rp + r * half * 2;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* head = xp + r * width + h * D;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = head[2 * j], b = head[2 * j + 1], c = cos_sin[2 * j], s = cos_sin[2 * j + 1];
+        head[2 * j] = a * c - b * s;
+        head[2 * j + 1] = a * s + b * c;
+      }
+    }
+  }
+}
+
+// A decode step (one new token per row) through every layer in one call: what LlamaForward.forward does there,
+// operation for operation, without going back to Python (and PyTorch's dispatcher) some 25 times per layer.
+// hidden [R, 1, dim]: the embeddings, then the residual stream (updated in place). Layer i's tensors are
+// weights[10 i ...]: the blocks (data, scales) of its qkv, output, gate_up and down products, then its attention and
+// mlp norms; bits[4 i ...] are those products' bits (4 or 8). Its new key and value go into column `length` of
+// key_rooms[i] and value_rooms[i] [R, KV, room, D], and its attention reads columns [0, length]. rotation
+// [R, D / 2, 2]: see rotate_heads. mask [R, length + 1] (1: a real token) or none; scale: the attention's softmax
+// scale. Returns the final norm's output.
+at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, at::IntArrayRef bits, at::TensorList key_rooms,
+                         at::TensorList value_rooms, int64_t length, const at::Tensor& rotation,
+                         const std::optional<at::Tensor>& mask, const at::Tensor& final_norm, int64_t heads,
+                         int64_t kv_heads, double eps, double scale, int64_t matrix_rows) {
+  const int64_t layers = static_cast<int64_t>(key_rooms.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * layers && static_cast<int64_t>(bits.size()) == 4 * layers &&
+                  static_cast<int64_t>(value_rooms.size()) == layers,
+              "chipi decode_layers: 10 tensors, 4 bit widths and 2 rooms per layer expected");
+  TORCH_CHECK(hidden.dim() == 3 && hidden.size(1) == 1 && hidden.is_contiguous() && rotation.is_contiguous(),
+              "chipi decode_layers: hidden [rows, 1, dim] and rotation contiguous");
+  const int64_t R = hidden.size(0), D = rotation.size(1) * 2, KV = kv_heads;
+  auto linear = [&](const at::Tensor& x, int64_t index, int64_t part) {
+    const at::Tensor& data = weights[index];
+    const at::Tensor& scales = weights[index + 1];
+    return bits[part] == 4 ? quantized_linear<true>(x, data, scales, matrix_rows)
+                           : quantized_linear<false>(x, data, scales, matrix_rows);
+  };
+  at::Tensor normed = rms_norm(hidden, weights[8], eps);
+  for (int64_t i = 0; i < layers; ++i) {
+    const int64_t w = 10 * i, b = 4 * i;
+    at::Tensor qkv = linear(normed, w, b);  // [R, 1, (H + 2 KV) D], contiguous
+    rotate_heads(qkv, rotation, heads + KV, D);
+    const at::Tensor& key_room = key_rooms[i];
+    const at::Tensor& value_room = value_rooms[i];
+    TORCH_CHECK(key_room.size(2) > length && value_room.size(2) > length, "chipi decode_layers: no room left");
+    key_room.select(2, length).copy_(qkv.narrow(-1, heads * D, KV * D).view({R, KV, D}));
+    value_room.select(2, length).copy_(qkv.narrow(-1, (heads + KV) * D, KV * D).view({R, KV, D}));
+    const at::Tensor query = qkv.narrow(-1, 0, heads * D).view({R, 1, heads, D}).transpose(1, 2);
+    const at::Tensor attended = decode_attention(query, key_room.narrow(2, 0, length + 1),
+                                                 value_room.narrow(2, 0, length + 1), mask, scale);
+    normed = add_rms_norm(hidden, linear(attended, w + 2, b + 1), weights[w + 9], eps);
+    const at::Tensor& next_norm = i + 1 < layers ? weights[w + 10 + 8] : final_norm;
+    const at::Tensor gated = silu_mul(linear(normed, w + 4, b + 2));
+    normed = add_rms_norm(hidden, linear(gated, w + 6, b + 3), next_norm, eps);
+  }
+  return normed;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chipi, m) {
@@ -477,4 +543,8 @@ TORCH_LIBRARY(chipi, m) {
   m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor? mask, float scale) -> Tensor",
         decode_attention);
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
+  m.def("decode_layers(Tensor(a!) hidden, Tensor[] weights, int[] bits, Tensor(b!)[] key_rooms, "
+        "Tensor(c!)[] value_rooms, int length, Tensor rotation, Tensor? mask, Tensor final_norm, int heads, "
+        "int kv_heads, float eps, float scale, int matrix_rows) -> Tensor",
+        decode_layers);
 }
