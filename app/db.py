@@ -71,8 +71,8 @@ def create_db_config(settings: Settings, *, pooled: bool = True) -> SQLAlchemyAs
         # libpq waits forever for a connection by default; a database that is down must fail requests fast.
         engine_options["connect_args"] = {"connect_timeout": max(1, round(settings.database_connect_timeout_seconds))}
         if pooled:
-            # Connections past pool_size are closed when returned: a pool smaller than the usual number of concurrent
-            # requests would open (and PostgreSQL fork) a connection for most of them.
+            # Connections past pool_size are closed when returned: with a pool smaller than the usual number of
+            # concurrent requests, every request beyond it would open (and PostgreSQL fork) a connection of its own.
             engine_options.update(pool_size=20, max_overflow=10)
     engine = create_async_engine(url, **engine_options)
     if is_sqlite:

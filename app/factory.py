@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ def _provide_settings(state: State) -> Settings:
     return state.settings  # type: ignore[no-any-return]
 
 
-def _reader_provider(engine: AsyncEngine) -> Any:
+def _reader_provider(engine: AsyncEngine) -> Callable[[], AsyncIterator[ConversationService]]:
     """The `reader` dependency: a ConversationService for handlers that only read, its statements each their own
     transaction (no BEGIN or ROLLBACK round trips). Handlers that write take `conversations`."""
     reads = autocommit_engine(engine)
