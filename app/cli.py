@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import uuid
@@ -22,6 +23,9 @@ T = TypeVar("T")
 
 
 def _serve(_: argparse.Namespace) -> None:
+    # The start imports and loads millions of objects that live as long as the server; collecting among them is
+    # wasted work (about 0.6 s of a 6 s start). The readiness loader freezes them and turns collection back on.
+    gc.disable()
     from app.assets import ensure_default_assets
     from app.factory import create_app
     from app.serving import serve

@@ -3,9 +3,11 @@ after a failed load, and while the database is unreachable."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,9 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
+from app.db import create_db_config
+from app.services.readiness import Readiness
+from app.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import new_conversation, stream_reply
 from tests.server import ChipiServer
@@ -200,3 +205,25 @@ async def test_health_is_503_while_the_database_is_unreachable(
     assert down.json()["not_ready"] == ["database"]
     assert down.json()["components"]["database"]["state"] == "unreachable"
     assert up.status_code == 200 and up.json()["components"]["database"]["state"] == "ready"
+
+
+async def test_garbage_collection_paused_for_the_start_resumes_when_the_loads_end_even_failed(tmp_path: Path) -> None:
+    """`chipi serve` pauses collection while it imports and loads; however the loads end, collection comes back on
+    (a server that never collected again would grow for good)."""
+    settings = replace(
+        Settings.from_env(),
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/chipi.db",
+        model=str(tmp_path / "no-such-model"),
+        whisper_model="no-such-whisper",
+    )
+    readiness = Readiness(settings, create_db_config(settings))
+    gc.disable()
+    try:
+        readiness.start_loading()
+        assert readiness._loader is not None
+        await readiness._loader
+        assert readiness.chat.error is not None and readiness.speech.error is not None
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()  # the rest of the test session collects as usual
