@@ -53,3 +53,13 @@ def test_the_least_recently_used_entries_go_first_when_over_budget() -> None:
 
     cache.store(list(range(20)), key_values(list(range(20))))  # larger than the whole budget: not kept
     assert cache.lookup(list(range(21))) is None and len(cache) == 2
+
+
+def test_an_entry_of_views_counts_the_whole_buffers_it_keeps_alive() -> None:
+    """A finished request's cache is kept as it is: views of buffers with room for tokens that never came."""
+    cache = PrefixCache(budget_bytes=10_000)
+    rooms = key_values([1, 2, 3, 0, 0, 0, 0, 0])  # 3 tokens held, room for 5 more
+    cache.store([1, 2, 3], [(keys[:, :, :3], values[:, :, :3]) for keys, values in rooms])
+    assert cache.size_bytes == 8 * BYTES_PER_TOKEN
+    hit = cache.lookup([1, 2, 3, 4])
+    assert hit is not None and hit.length == 3 and hit.key_values[0][0][0, 0, :, 0].tolist() == [1, 2, 3]

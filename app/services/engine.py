@@ -320,7 +320,7 @@ class DecodeEngine:
             )
             token = request.sampler.next_token(logits[0], request.prompt_ids)
             if self._accept(request, token):
-                self._remember(request, _key_values(cache))
+                self._remember(request, _key_values(cache), sole_user=True)
             else:
                 self._batch.add(request, cache)
         except Exception as exc:
@@ -332,7 +332,7 @@ class DecodeEngine:
         for index, (row, kept) in enumerate(zip(self._batch.rows, keep, strict=True)):
             if not kept:
                 self._finish(row, "cancelled")
-                self._remember(row, self._batch.row_key_values(index))
+                self._remember(row, self._batch.row_key_values(index), sole_user=len(keep) == 1)
         self._batch.keep(keep)
 
     def _step(self) -> None:
@@ -360,7 +360,7 @@ class DecodeEngine:
         done = [self._accept(row, token) for row, token in zip(rows, tokens, strict=True)]
         for index, row in enumerate(rows):
             if done[index]:
-                self._remember(row, batch.row_key_values(index))
+                self._remember(row, batch.row_key_values(index), sole_user=len(rows) == 1)
         batch.keep([not ended for ended in done])
 
     def _logits(
@@ -382,13 +382,19 @@ class DecodeEngine:
         )
         return cast(torch.Tensor, output.logits[:, -1])
 
-    def _remember(self, request: _Request, key_values: KeyValues) -> None:
-        """Offer the keys and values of every token `request` fed (its prompt and reply) to the prefix cache."""
+    def _remember(self, request: _Request, key_values: KeyValues, *, sole_user: bool) -> None:
+        """Offer the keys and values of every token `request` fed (its prompt and reply) to the prefix cache.
+
+        `sole_user`: nothing will read or write these buffers any more (the request's own cache, or the last row of
+        a batch about to be cleared), so the cache keeps them as they are. Otherwise it gets a copy: it must not pin
+        the batch's buffers (every row's), nor see them change. Copying a long conversation's keys and values (about
+        60 MB at 1,300 tokens) delayed the next turn, which arrives as this one ends."""
         if self._prefix_cache is None:
             return
         fed = (request.prompt_ids + request.generated)[: request.cached_tokens]
-        # A copy: the cache must not pin the batch's buffers (every row's), nor see them change.
-        own = [(keys[:, :, -len(fed) :].clone(), values[:, :, -len(fed) :].clone()) for keys, values in key_values]
+        own = [(keys[:, :, -len(fed) :], values[:, :, -len(fed) :]) for keys, values in key_values]
+        if not sole_user:
+            own = [(keys.clone(), values.clone()) for keys, values in own]
         self._prefix_cache.store(fed, own)
 
     def _accept(self, request: _Request, token: int) -> bool:

@@ -28,7 +28,9 @@ class PrefixHit:
 
 
 def _bytes(key_values: KeyValues) -> int:
-    return sum(keys.nbytes + values.nbytes for keys, values in key_values)
+    """The memory an entry keeps alive: the whole buffers its tensors view (an entry may be views of a finished
+    request's cache, with room for tokens that never came)."""
+    return sum(keys.untyped_storage().nbytes() + values.untyped_storage().nbytes() for keys, values in key_values)
 
 
 def _shared_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -70,7 +72,8 @@ class PrefixCache:
         return PrefixHit(best_length, [(k[:, :, :best_length], v[:, :, :best_length]) for k, v in key_values])
 
     def store(self, token_ids: list[int], key_values: KeyValues) -> None:
-        """Keep `key_values` (owned by the cache from now on) for `token_ids`; entries it extends are dropped."""
+        """Keep `key_values` (owned by the cache from now on: nothing may write into their buffers) for `token_ids`;
+        entries it extends are dropped."""
         size = _bytes(key_values)
         if not token_ids or size > self.budget_bytes:
             return
