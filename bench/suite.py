@@ -1,6 +1,6 @@
 """Chipi's performance on this machine, in one table.
 
-    python -m bench.suite [--max-tokens 128] [--runs 3] [--load-seconds 10]
+    python -m bench.suite [--max-tokens 128] [--runs 3] [--conversations 5] [--load-seconds 10]
 
 Every figure that compares is measured side by side in this run, so the ratios hold on a noisy machine:
 - single-stream decode tokens/s through the SSE endpoint, next to the same engine in-process (ModelService.stream in
@@ -8,7 +8,8 @@ Every figure that compares is measured side by side in this run, so the ratios h
   installed (`pip install llama-cpp-python`; it is not a dependency of Chipi; bench/llama_cpp.py runs it in a child
   process);
 - time to first token through the API: a short prompt, a message of about 1,500 tokens, and turns 1 and 10 of a
-  growing conversation (medians over --runs conversations);
+  growing conversation (medians over --conversations conversations: a single turn's time swings by half with
+  the machine's noise);
 - aggregate tokens/s for 1, 4 and 8 concurrent streams;
 - HTTP requests/s and p50/p99 latency of list and get (a conversation of 100 messages) on PostgreSQL, under a
   concurrent load generator running on the same machine (bench/http_load.py: lean, but it and PostgreSQL still take
@@ -163,7 +164,7 @@ async def api_rows(server: ChipiServer, model: ModelService, args: argparse.Name
             reply = await sse_reply(client, f"Run {run}. {long_message}", stop_after_first=True)
             long_ttft.append(reply.first_token_seconds)
     # Turns 1 and 10: medians over conversations that each open differently, so that none reuses another's cache.
-    conversations = [(await play({"a": server}, 10, f"Conversation {n}. "))["a"] for n in range(args.runs)]
+    conversations = [(await play({"a": server}, 10, f"Conversation {n}. "))["a"] for n in range(args.conversations)]
     turns = [statistics.median(run[turn] for run in conversations) for turn in (0, -1)]
     sse_rate, local_rate = statistics.median(sse), statistics.median(local)
     rows = [
@@ -183,7 +184,7 @@ async def api_rows(server: ChipiServer, model: ModelService, args: argparse.Name
         ("TTFT, short prompt", f"{statistics.median(short_ttft) * 1000:.0f} ms"),
         (f"TTFT, a {long_tokens}-token message", f"{statistics.median(long_ttft) * 1000:.0f} ms"),
         (
-            f"TTFT, turn 1 / turn 10 of a conversation (median of {args.runs})",
+            f"TTFT, turn 1 / turn 10 of a conversation (median of {args.conversations})",
             f"{turns[0] * 1000:.0f} / {turns[-1] * 1000:.0f} ms",
         ),
         ("  turn 10 / turn 1", f"{turns[-1] / turns[0]:.2f}x"),
@@ -200,6 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--conversations", type=int, default=5)
     parser.add_argument("--load-seconds", type=float, default=10.0)
     parser.add_argument("--load-clients", type=int, default=16)
     args = parser.parse_args()
