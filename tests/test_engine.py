@@ -286,6 +286,27 @@ async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(servi
     assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
 
 
+async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_generate(service: ModelService) -> None:
+    """A new conversation starts from another's cached opening (the chat template's system prompt). Its own tokens,
+    more than those cached, attend causally without a mask; the reply is still plain generate's."""
+    fed: list[int] = []
+
+    def record(_: object, args: tuple[object, ...], kwargs: dict[str, torch.Tensor]) -> None:
+        fed.append(int(kwargs["input_ids"].shape[1]))
+
+    await reply(service, prompt(service, "Hello!"))
+    asked = prompt(service, QUESTIONS[3])
+    hook = service.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = await reply(service, asked)
+    finally:
+        hook.remove()
+
+    cached = len(asked.token_ids) - fed[0]
+    assert 0 < cached < fed[0]  # a prefix was reused, and it is shorter than what was fed
+    assert got.text.startswith(decode(service, generate_ids(service, asked, EXACT_PREFIX_TOKENS)))
+
+
 @pytest.mark.parametrize(
     ("dtype", "quantize"),
     [("auto", "auto"), ("float32", "none"), ("float16", "none"), ("float32", "int8"), ("float32", "int4")],
