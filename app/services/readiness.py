@@ -175,7 +175,8 @@ class Readiness:
 def _resume_garbage_collection() -> None:
     """After `chipi serve`'s start (app/cli.py pauses collection for it): what the start loaded moves to the
     permanent generation, so that no later full collection walks it (a pause of 100-160 ms each here), and
-    collection resumes for what serving allocates."""
+    collection resumes for what serving allocates. Cyclic garbage of the requests answered during the load (health
+    polls, 503s) is frozen with it: a few objects a request, for the seconds a load takes."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
