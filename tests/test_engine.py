@@ -295,7 +295,11 @@ async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_gene
         fed.append(int(kwargs["input_ids"].shape[1]))
 
     await reply(service, prompt(service, "Hello!"))
-    asked = prompt(service, QUESTIONS[3])
+    asked = prompt(
+        service,
+        "Describe a small fishing harbour at dawn: the boats coming back, the gulls, the nets drying on the quay, "
+        "the smell of salt and diesel, and the people who meet the boats to buy the night's catch.",
+    )
     hook = service.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         got = await reply(service, asked)
