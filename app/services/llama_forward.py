@@ -261,7 +261,7 @@ class LlamaForward(nn.Module):
             # Causal without a mask, which scaled dot-product attention computes in under half the time of the
             # masked product (it skips the hidden half: a 1,674-token prompt took 39 instead of 87 ms a layer). Its
             # causal rule is for a square problem, so the cached columns get queries too, zeros, whose answers are
-            # dropped: cheaper than the masked product while they are fewer than the new tokens (_attention_mask).
+            # dropped: cheaper than the masked product while they are no more than the new tokens (_attention_mask).
             cached = keys.shape[2] - tokens
             if cached:
                 query = torch.cat([query.new_zeros(rows, query.shape[1], cached, query.shape[3]), query], dim=2)
@@ -296,7 +296,7 @@ def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor]
 def _attention_mask(attention_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
     """Which cached columns each new token may attend to, `[rows, 1, tokens, columns]`, or None where no padding
     leaves a plain rule `_attend` applies without a mask: one new token per row sees every column (the usual decode
-    step), and new tokens that outnumber the columns cached before them are causal (each sees the cached columns,
+    step), and new tokens at least as many as the columns cached before them are causal (each sees the cached columns,
     itself and the new tokens before it)."""
     columns = attention_mask.shape[1]
     if (tokens == 1 or 2 * tokens >= columns) and bool(attention_mask.all()):
