@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from app.services.prefix_cache import KeyValues, PrefixCache
+from app.services.kv_cache import KeyValues
+from app.services.prefix_cache import PrefixCache
 
 LAYERS, HEADS, HEAD_DIM = 2, 1, 4
 BYTES_PER_TOKEN = LAYERS * 2 * HEADS * HEAD_DIM * 4  # keys and values, float32

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [1, kv_heads, tokens, head_dim]
+from app.services.kv_cache import KeyValues  # an entry's are one row's: [1, kv_heads, tokens, head_dim] per layer
 
 
 @dataclass(frozen=True)
