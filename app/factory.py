@@ -29,9 +29,11 @@ from app.controllers.socket import chat_socket
 from app.controllers.system import MetricsController, SystemController
 from app.db import autocommit_engine, create_db_config, upgrade_database
 from app.observability import RequestLog, configure_access_log, prometheus_config, watch_readiness
+from app.repositories.reads import ConversationReads
 from app.services.chat import ChatService
 from app.services.conversations import ConversationService
 from app.services.keys import Authenticator
+from app.services.pages import ConversationPages
 from app.services.readiness import Readiness
 from app.services.speech import SpeechService, VoiceChatService
 from app.settings import Settings, get_settings
@@ -95,6 +97,16 @@ def _reader_provider(engine: AsyncEngine) -> Callable[[], AsyncIterator[Conversa
     return provide_reader
 
 
+def _pages_provider(engine: AsyncEngine) -> Callable[[], ConversationPages]:
+    """The `pages` dependency: one ConversationPages for the app (it keeps nothing of a request)."""
+    pages = ConversationPages(ConversationReads(engine))
+
+    def provide_pages() -> ConversationPages:
+        return pages
+
+    return provide_pages
+
+
 def _cors_config(settings: Settings) -> CORSConfig | None:
     """Browsers on these origins may call the API (the key goes in the Authorization header, not a cookie)."""
     if not settings.cors_origins:
@@ -144,6 +156,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={
             "conversations": Provide(create_service_provider(ConversationService)),
             "reader": Provide(_reader_provider(db_config.get_engine())),
+            "pages": Provide(_pages_provider(db_config.get_engine()), sync_to_thread=False),
             "chat": Provide(_provide_chat, sync_to_thread=False),
             "speech": Provide(_provide_speech, sync_to_thread=False),
             "voice_chat": Provide(_provide_voice_chat, sync_to_thread=False),

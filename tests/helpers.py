@@ -8,16 +8,36 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+from uuid import UUID
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 from websockets.asyncio.client import ClientConnection, connect
 
+from app.db import create_db_config
+from app.repositories.reads import ConversationReads
+from app.services.pages import ConversationPages
+from app.settings import Settings
 from tests.server import ROOT
 
 ISO_WITH_OFFSET = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def listed_in_database(database_url: str, owner: str, q: str | None) -> list[UUID]:
+    """The ids of the conversations the list (or, with `q`, a search) shows `owner`, read from the database directly:
+    for the migration tests, which check a database no server has opened."""
+
+    async def read() -> list[UUID]:
+        engine = create_db_config(replace(Settings.from_env(), database_url=database_url)).get_engine()
+        try:
+            page = await ConversationPages(ConversationReads(engine)).conversations(owner, q, limit=10, offset=0)
+        finally:
+            await engine.dispose()
+        return [conversation.session_id for conversation in page.conversations]
+
+    return asyncio.run(read())
 
 
 async def new_conversation(client: httpx.AsyncClient, **params: str) -> dict[str, Any]:

@@ -34,11 +34,10 @@ from websockets.exceptions import ConnectionClosed
 
 from app.db import create_db_config, upgrade_database_sync
 from app.domain.auth import LOCAL_OWNER
-from app.services.conversations import ConversationService
 from app.services.keys import NO_KEYS_RECHECK_SECONDS
 from app.settings import Settings
 from tests.conftest import _postgres_database
-from tests.helpers import KEY, chipi, create_key, frames_until_done, next_frame, socket_url
+from tests.helpers import KEY, chipi, create_key, frames_until_done, listed_in_database, next_frame, socket_url
 from tests.server import ChipiServer
 
 ALLOWED_ORIGIN = "http://chat.example.test"
@@ -621,14 +620,9 @@ def test_the_migration_gives_stored_conversations_to_the_local_owner(fresh_datab
     engine.dispose()
     upgrade_database_sync(settings)
 
-    async def owned_by(owner: str, q: str | None) -> list[uuid.UUID]:
-        config = create_db_config(settings)
-        async with ConversationService.new(config=config) as conversations:
-            found, _ = await conversations.list_conversations(owner, q, limit=10, offset=0)
-        await config.get_engine().dispose()
-        return [c.id for c in found]
-
-    assert asyncio.run(owned_by(LOCAL_OWNER, None)) == [session_id]
-    assert asyncio.run(owned_by(LOCAL_OWNER, word)) == [session_id]  # the search index survived the migration
-    assert asyncio.run(owned_by("alice", None)) == []
-    assert asyncio.run(owned_by("alice", word)) == []
+    assert listed_in_database(settings.database_url, LOCAL_OWNER, None) == [session_id]
+    assert listed_in_database(settings.database_url, LOCAL_OWNER, word) == [
+        session_id
+    ]  # the search index survived the migration
+    assert listed_in_database(settings.database_url, "alice", None) == []
+    assert listed_in_database(settings.database_url, "alice", word) == []

@@ -5,12 +5,10 @@ The server is shared by every test of a database, so each test searches for word
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
 
 import httpx
 from advanced_alchemy.alembic.commands import AlembicCommands
@@ -22,9 +20,8 @@ from sqlalchemy.orm import Session
 from app.db import create_db_config, upgrade_database_sync
 from app.domain.auth import LOCAL_OWNER
 from app.domain.models import Message
-from app.services.conversations import ConversationService
 from app.settings import Settings
-from tests.helpers import new_conversation, send_message
+from tests.helpers import listed_in_database, new_conversation, send_message
 
 
 def unique_word(prefix: str = "zq") -> str:
@@ -211,12 +208,5 @@ def test_the_migration_indexes_what_is_already_stored(fresh_database_url: str) -
     sync_engine.dispose()
     upgrade_database_sync(settings)
 
-    async def search_stored(q: str) -> list[UUID]:
-        config = create_db_config(settings)
-        async with ConversationService.new(config=config) as conversations:
-            found, _ = await conversations.list_conversations(LOCAL_OWNER, q, limit=10, offset=0)
-        await config.get_engine().dispose()
-        return [conversation.id for conversation in found]
-
-    assert asyncio.run(search_stored(title_word)) == [session_id]
-    assert asyncio.run(search_stored(message_word)) == [session_id]
+    assert listed_in_database(fresh_database_url, LOCAL_OWNER, title_word) == [session_id]
+    assert listed_in_database(fresh_database_url, LOCAL_OWNER, message_word) == [session_id]

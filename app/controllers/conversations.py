@@ -45,6 +45,7 @@ from app.domain.schemas import (
 from app.domain.transfer import ConversationExport
 from app.services.chat import ChatService, Generation, ReplyFailed, ReplyFinished, ReplyOptions
 from app.services.conversations import ConversationService, Edit, NewMessage, Regenerate
+from app.services.pages import ConversationPages
 from app.settings import Settings
 
 
@@ -113,7 +114,7 @@ class ConversationController(Controller):
     )
     async def list_conversations(
         self,
-        reader: ConversationService,
+        pages: ConversationPages,
         owner: str,
         limit: Annotated[int, Parameter(ge=1, le=100, description="Page size")] = 20,
         offset: Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="Conversations to skip")] = 0,
@@ -125,8 +126,7 @@ class ConversationController(Controller):
             ),
         ] = None,
     ) -> ConversationList:
-        items, total = await reader.list_conversations(owner, q, limit=limit, offset=offset)
-        return ConversationList([conversation_out(c) for c in items], total=total, limit=limit, offset=offset)
+        return await pages.conversations(owner, q, limit=limit, offset=offset)
 
     @post(
         "/new",
@@ -218,13 +218,12 @@ class ConversationController(Controller):
     )
     async def get_conversation(
         self,
-        reader: ConversationService,
+        pages: ConversationPages,
         owner: str,
         conversation_id: UUID,
         tree: Annotated[bool, Parameter(description="Every message of every branch instead of the active one")] = False,
     ) -> ConversationDetail:
-        conversation, messages = await reader.get_with_messages(owner, conversation_id, tree=tree)
-        return ConversationDetail(conversation_out(conversation), [message_out(m) for m in messages])
+        return await pages.conversation(owner, conversation_id, tree=tree)
 
     @delete(
         "/{session_id:str}",

@@ -7,40 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from advanced_alchemy.filters import LimitOffset
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from sqlalchemy import Float, Row, func, select, text, update
-from sqlalchemy.sql.selectable import Subquery
+from sqlalchemy import Row, select, update
 
 from app.domain.models import Conversation, Message, MessageStatus, TitleSource
-
-# Each search query yields (conversation_id, score) per matching conversation, lower scores ranking first: its best
-# matching text, a title counting twice. Migration 0003 builds what they read. (FTS5's `rank` column is bm25(); the
-# function itself cannot be used inside an aggregate.)
-_SQLITE_SEARCH = """
-SELECT d.conversation_id AS conversation_id,
-       min(CASE WHEN d.message_id IS NULL THEN 2.0 ELSE 1.0 END * search_fts.rank) AS score
-FROM search_fts JOIN search_doc AS d ON d.id = search_fts.rowid
-WHERE search_fts MATCH :match
-GROUP BY d.conversation_id
-"""
-_POSTGRES_SEARCH = """
-SELECT hits.conversation_id AS conversation_id, min(hits.score) AS score FROM (
-    SELECT m.conversation_id AS conversation_id, -ts_rank(to_tsvector('english', m.content), q) AS score
-    FROM message AS m, plainto_tsquery('english', :terms) AS q
-    WHERE to_tsvector('english', m.content) @@ q AND m.status <> 'streaming'
-    UNION ALL
-    SELECT c.id, -2 * ts_rank(to_tsvector('english', c.title), q)
-    FROM conversation AS c, plainto_tsquery('english', :terms) AS q
-    WHERE to_tsvector('english', c.title) @@ q
-) AS hits
-GROUP BY hits.conversation_id
-"""
-
-
-def _fts5_string(term: str) -> str:
-    """A term as an FTS5 string: read as a plain word (or phrase), never as an operator or a column filter."""
-    return '"' + term.replace('"', '""') + '"'
 
 
 class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
@@ -49,46 +19,6 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
     async def get_owned(self, owner: str, conversation_id: UUID) -> Conversation | None:
         """The conversation if it exists and belongs to `owner`; another owner's is as absent as an unknown one."""
         return await self.get_one_or_none(id=conversation_id, owner=owner)
-
-    async def list_recent(self, owner: str, *, limit: int, offset: int) -> tuple[Sequence[Conversation], int]:
-        """A page of the owner's conversations, most recently updated first, and their total count."""
-        return await self.get_many_and_count(
-            LimitOffset(limit=limit, offset=offset),
-            Conversation.owner == owner,
-            order_by=[(Conversation.updated_at, True), (Conversation.id, True)],
-        )
-
-    async def search(
-        self, owner: str, terms: list[str], *, limit: int, offset: int
-    ) -> tuple[Sequence[Conversation], int]:
-        """A page of the owner's conversations whose title or messages contain every term, best match first, and
-        the total count. SQLite ranks with FTS5's bm25, PostgreSQL with ts_rank (English stemming on both)."""
-        if not terms:
-            return [], 0
-        hits = self._search_hits(terms)
-        owned_hits = (
-            select(Conversation, hits.c.score)
-            .join(hits, hits.c.conversation_id == Conversation.id)
-            .where(Conversation.owner == owner)
-        )
-        page = (
-            owned_hits.order_by(hits.c.score, Conversation.updated_at.desc(), Conversation.id.desc())
-            .limit(limit)
-            .offset(offset)
-        )
-        conversations = (await self.session.execute(page)).scalars().all()
-        total = await self.session.scalar(select(func.count()).select_from(owned_hits.subquery()))
-        return conversations, int(total or 0)
-
-    def _search_hits(self, terms: list[str]) -> Subquery:
-        if self._dialect.name == "sqlite":
-            # every term quoted: FTS5 reads it as a plain word (or phrase), never as an operator
-            query = text(_SQLITE_SEARCH).bindparams(match=" ".join(_fts5_string(term) for term in terms))
-        elif self._dialect.name == "postgresql":
-            query = text(_POSTGRES_SEARCH).bindparams(terms=" ".join(terms))
-        else:
-            raise NotImplementedError(f"search is not implemented for {self._dialect.name}")
-        return query.columns(conversation_id=Conversation.id.type, score=Float()).subquery("hits")
 
     async def update_owned(self, owner: str, conversation_id: UUID, **values: object) -> bool:
         """Set `values` on the owner's conversation in one statement (so a delete landing between a read and this

@@ -21,7 +21,7 @@ from uuid_utils.compat import uuid7
 from app.domain.branches import active_path, newest_leaf_under, path_to
 from app.domain.errors import InvalidInputError, NotFoundError
 from app.domain.models import Conversation, Message, MessageStatus, Role, StoredMessage, TitleSource
-from app.domain.rules import DEFAULT_TITLE, ConversationLimits, auto_title, search_terms
+from app.domain.rules import DEFAULT_TITLE, ConversationLimits, auto_title
 from app.domain.transfer import (
     ConversationExport,
     MessageExport,
@@ -118,14 +118,6 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             auto_commit=True,
         )
 
-    async def list_conversations(
-        self, owner: str, q: str | None, *, limit: int, offset: int
-    ) -> tuple[Sequence[Conversation], int]:
-        """The owner's newest conversations, or with a (non-blank) `q` those matching it, best match first."""
-        if q is None or not q.strip():
-            return await self.repository.list_recent(owner, limit=limit, offset=offset)
-        return await self.repository.search(owner, search_terms(q), limit=limit, offset=offset)
-
     async def set_model_title(self, conversation_id: UUID, title: str) -> bool:
         """Store the model's title unless the user has named the conversation; True if it was stored."""
         stored = await self.repository.set_model_title(conversation_id, title)
@@ -212,7 +204,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         """The owner's conversation; NotFoundError for an unknown id and for another owner's alike."""
         conversation = await self.repository.get_owned(owner, conversation_id)
         if conversation is None:
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id)
         return conversation
 
     async def get_with_messages(
@@ -229,7 +221,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         if not await self.repository.update_owned(
             owner, conversation_id, title=title, title_source=TitleSource.MANUAL.value
         ):
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id)
         await self.repository.session.commit()
 
     async def delete_conversation(self, owner: str, conversation_id: UUID) -> None:
@@ -247,7 +239,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             raise NotFoundError(f"message {message_id} not found in this conversation", field="message_id")
         leaf = newest_leaf_under(messages, by_id[message_id])
         if not await self.repository.update_owned(owner, conversation_id, active_message_id=leaf.id):
-            raise _conversation_not_found(conversation_id)  # deleted since it was read
+            raise conversation_not_found(conversation_id)  # deleted since it was read
         await self.repository.session.commit()
         return conversation, path_to(by_id, leaf)
 
@@ -370,5 +362,5 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         return count
 
 
-def _conversation_not_found(conversation_id: UUID) -> NotFoundError:
+def conversation_not_found(conversation_id: UUID) -> NotFoundError:
     return NotFoundError(f"conversation {conversation_id} not found", field="session_id")
