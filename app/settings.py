@@ -114,6 +114,7 @@ class Settings:
     auto_title: str  # model | first-message | off (off: the first-message rule, as the seed did)
     system_prompt: str
     stream_flush_seconds: float
+    stream_event_interval_seconds: float
     disconnect_grace_seconds: float
     max_concurrent_generations: int
     max_queued_generations: int
@@ -180,6 +181,7 @@ class Settings:
             auto_title=_env_choice("CHIPI_AUTO_TITLE", "model", ("model", "first-message", "off")),
             system_prompt=os.environ.get("CHIPI_SYSTEM_PROMPT", ""),
             stream_flush_seconds=_env_float("CHIPI_STREAM_FLUSH_SECONDS", 0.5),
+            stream_event_interval_seconds=_env_float("CHIPI_STREAM_EVENT_INTERVAL_SECONDS", 0.02),
             disconnect_grace_seconds=_env_float("CHIPI_DISCONNECT_GRACE_SECONDS", 30.0),
             max_concurrent_generations=_env_int("CHIPI_MAX_CONCURRENT_GENERATIONS", 8, minimum=1),
             max_queued_generations=_env_int("CHIPI_MAX_QUEUED_GENERATIONS", 16),

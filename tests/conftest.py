@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from app.assets import ensure_default_assets
 from app.services import kernels
 from app.settings import Settings
-from tests.server import TEST_MAX_NEW_TOKENS, ChipiServer
+from tests.server import LONG_REPLY_TOKENS, TEST_MAX_NEW_TOKENS, ChipiServer
 
 POSTGRES_ADMIN_URL = os.environ.get("CHIPI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("CHIPI_TEST_REQUIRE_POSTGRES") == "1"
@@ -90,6 +90,21 @@ def server(database_url: str) -> Iterator[ChipiServer]:
 @pytest.fixture
 async def client(server: ChipiServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def long_reply_server(database_url: str) -> Iterator[ChipiServer]:
+    """A server whose long replies outlast the disconnect grace period on any CPU (the test server's 160 tokens take
+    0.6 s at 250 tokens/s), for tests of what happens to a reply nobody is reading any more: they expect it
+    cancelled at the grace period's end, so no machine waits for its LONG_REPLY_TOKENS."""
+    with ChipiServer(database_url, CHIPI_MAX_NEW_TOKENS=str(LONG_REPLY_TOKENS)) as running:
+        yield running
+
+
+@pytest.fixture
+async def long_reply_client(long_reply_server: ChipiServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=long_reply_server.url, timeout=60) as http:
         yield http
 
 

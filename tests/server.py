@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # drop or resume a running reply (about 2 s on the 2-core machine with the quantized default model), short enough
 # that the suite stays quick.
 TEST_MAX_NEW_TOKENS = 160
+LONG_REPLY_TOKENS = 800  # the long_reply_server's limit (its prompts get the rest of TEST_CONTEXT_WINDOW)
 TEST_MAX_PROMPT_CHARS = 4000
 TEST_CONTEXT_WINDOW = 1024
 TEST_GRACE_SECONDS = 1.0

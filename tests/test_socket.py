@@ -73,7 +73,9 @@ async def test_resume_after_reconnecting_gets_every_missed_token_once(client: ht
         after = await frames_until_done(socket)
     tokens = before + [f for f in after if f["type"] == "token"]
     seqs = [t["seq"] for t in tokens]
-    assert seqs == list(range(1, len(seqs) + 1))  # no gap, no repeat (this model has no reasoning events)
+    # each once, in order (text that came together is one frame, numbered as its last piece); none missed: the
+    # text checked below
+    assert seqs == sorted(set(seqs))
     assert after[-1]["type"] == "done" and after[-1]["finish_reason"] in {"stop", "length"}
     assert after[-1]["message"]["content"] == "".join(t["text"] for t in tokens)
 

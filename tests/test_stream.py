@@ -8,6 +8,10 @@ import json
 import httpx
 from httpx_sse import aconnect_sse
 
+from app.domain.auth import LOCAL_OWNER
+from app.domain.reasoning import Piece
+from app.domain.schemas import Usage
+from app.services.chat import ChatEvent, Generation, ReplyFinished
 from tests.helpers import get_conversation, new_conversation, stream_reply
 
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -122,3 +126,36 @@ async def test_done_event_json_matches_the_stored_reply(client: httpx.AsyncClien
     assert reply["completion_tokens"] == done["usage"]["completion_tokens"]
     assert reply["prompt_tokens"] == done["usage"]["prompt_tokens"]
     assert reply["finish_reason"] == done["finish_reason"]
+
+
+async def test_text_that_comes_within_the_event_interval_goes_out_as_one_event() -> None:
+    """At hundreds of tokens/s, a reply's followers (SSE, WebSocket, /v1) get the text that came since their last
+    event joined into one, numbered as its last piece; the first piece goes out at once, and the think tags stay
+    events of their own."""
+    generation = Generation(LOCAL_OWNER, None, None, None, 30.0, event_interval_seconds=0.05)
+    received: list[tuple[int, ChatEvent]] = []
+
+    async def follow() -> None:
+        async for seq, event in generation.follow():
+            received.append((seq, event))
+
+    follower = asyncio.create_task(follow())
+    generation.publish(Piece("content", "Once"))
+    await asyncio.sleep(0.01)
+    assert received == [(1, Piece("content", "Once"))]  # not held back
+    for piece in [" upon", " a", " time"]:  # a piece every 2 ms, within the interval
+        generation.publish(Piece("content", piece))
+        await asyncio.sleep(0.002)
+    generation.publish(Piece("think_start", "<think>"))
+    for piece in ["Hm", "m."]:
+        generation.publish(Piece("reasoning", piece))
+    finished = ReplyFinished(Usage(prompt_tokens=5, completion_tokens=7), "stop")
+    generation.publish(finished)
+    await asyncio.wait_for(follower, 1)
+    assert received == [
+        (1, Piece("content", "Once")),
+        (4, Piece("content", " upon a time")),
+        (5, Piece("think_start", "<think>")),
+        (7, Piece("reasoning", "Hmm.")),
+        (8, finished),
+    ]

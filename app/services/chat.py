@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 from uuid import UUID, uuid4
@@ -79,6 +79,23 @@ class ReplyOptions:
     seed: int | None = None
 
 
+def joined_pieces(events: Sequence[ChatEvent], start: int, end: int) -> Iterator[tuple[int, ChatEvent]]:
+    """events[start:end], each with its number (counting from 1), where runs of content or reasoning pieces become
+    one piece of their joined text, numbered as the last of the run (the `<think>` tags stay events of their own)."""
+    index = start
+    while index < end:
+        event = events[index]
+        index += 1
+        if isinstance(event, Piece) and event.kind in ("content", "reasoning"):
+            texts = [event.text]
+            while index < end and isinstance(following := events[index], Piece) and following.kind == event.kind:
+                texts.append(following.text)
+                index += 1
+            if len(texts) > 1:
+                event = Piece(event.kind, "".join(texts))
+        yield index, event
+
+
 class Generation:
     """One reply being generated: its events so far, and the clients following them.
 
@@ -93,6 +110,7 @@ class Generation:
         reply: Message | None,
         grace_seconds: float,
         *,
+        event_interval_seconds: float = 0.0,
         resumable: bool = True,
     ) -> None:
         self.owner = owner
@@ -106,6 +124,7 @@ class Generation:
         self._changed = asyncio.Event()
         self._followers = 0
         self._grace_seconds = grace_seconds
+        self._event_interval_seconds = event_interval_seconds
         self._resumable = resumable
         self._grace_timer: asyncio.TimerHandle | None = None
         self._arm_grace_timer()  # a client that never attaches counts as one that left
@@ -124,20 +143,26 @@ class Generation:
         self.cancelled.set()
 
     async def follow(self, after: int = 0) -> AsyncIterator[tuple[int, ChatEvent]]:
-        """Every event after sequence number `after` (events count from 1), as it comes, until done or error."""
+        """Every event after sequence number `after` (events count from 1), as it comes, until done or error, each
+        with its number. Text that comes within the event interval of the last event sent is sent together: pieces
+        of the same kind in a row are joined into one, numbered as the last of them."""
         self._followers += 1
         self._disarm_grace_timer()
         sent = after
         try:
             while True:
                 changed = self._changed
-                while sent < len(self.events):
-                    event = self.events[sent]
-                    sent += 1
-                    yield sent, event
+                if sent == len(self.events):
+                    await changed.wait()
+                    continue
+                upto = len(self.events)
+                for seq, event in joined_pieces(self.events, sent, upto):
+                    yield seq, event
                     if isinstance(event, ReplyFinished | ReplyFailed):
                         return
-                await changed.wait()
+                sent = upto
+                if self._event_interval_seconds:
+                    await asyncio.sleep(self._event_interval_seconds)
         finally:
             self._followers -= 1
             if self._followers == 0:
@@ -289,7 +314,15 @@ class ChatService:
         prompt = self.model.build_prompt(system_prompt, turns, params.max_new_tokens, thinking=options.thinking)
         if store_in is None:
             await self._take_slot()
-            generation = Generation(owner, None, None, None, self._settings.disconnect_grace_seconds, resumable=False)
+            generation = Generation(
+                owner,
+                None,
+                None,
+                None,
+                self._settings.disconnect_grace_seconds,
+                event_interval_seconds=self._settings.stream_event_interval_seconds,
+                resumable=False,
+            )
             return self._spawn(generation, prompt, params, options)
 
         async def prepare(conversations: ConversationService) -> tuple[Prompt, Message, Message]:
@@ -323,7 +356,14 @@ class ChatService:
             if slot_taken:
                 self._slots.release()
             raise
-        generation = Generation(owner, conversation_id, user_message, reply, self._settings.disconnect_grace_seconds)
+        generation = Generation(
+            owner,
+            conversation_id,
+            user_message,
+            reply,
+            self._settings.disconnect_grace_seconds,
+            event_interval_seconds=self._settings.stream_event_interval_seconds,
+        )
         self._running[conversation_id] = generation
         self._recent.pop(conversation_id, None)
         return self._spawn(generation, prompt, params, options)
