@@ -54,6 +54,8 @@ async def test_list_is_newest_first_and_pages_with_limit_and_offset(client: http
     for conversation in page["conversations"]:
         assert set(conversation) >= {"session_id", "title", "created_at", "updated_at"}
         assert ISO_WITH_OFFSET.match(conversation["updated_at"])
+    past_the_end = (await client.get("/api/conversations", params={"offset": page["total"]})).json()
+    assert past_the_end["conversations"] == [] and past_the_end["total"] == page["total"]  # still counts them all
 
 
 async def test_list_defaults_to_twenty(client: httpx.AsyncClient) -> None:

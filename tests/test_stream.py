@@ -43,8 +43,8 @@ async def test_stream_sends_text_deltas_then_done_and_closes(client: httpx.Async
 async def test_raw_stream_format_keeps_leading_spaces_and_splits_newlines(client: httpx.AsyncClient) -> None:
     session_id = (await new_conversation(client))["session_id"]
     url = f"/api/conversations/{session_id}/stream"
-    prompt = "List three fruits, one per line, as a numbered list."
-    async with client.stream("GET", url, params={"prompt": prompt}) as response:
+    # A story: paragraphs, and deltas starting with a space however many tokens each event joins.
+    async with client.stream("GET", url, params={"prompt": LONG_PROMPT}) as response:
         raw = (await response.aread()).decode()
     normalised = raw.replace("\r\n", "\n").replace("\r", "\n")  # the SSE spec allows all three line ends
     blocks = [block.split("\n") for block in normalised.split("\n\n") if block.strip()]

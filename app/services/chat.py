@@ -161,8 +161,11 @@ class Generation:
                     if isinstance(event, ReplyFinished | ReplyFailed):
                         return
                 sent = upto
-                if self._event_interval_seconds:
-                    await asyncio.sleep(self._event_interval_seconds)
+                if self._event_interval_seconds and not self.finished.is_set():
+                    # the interval, cut short by the reply's end (a server that stops waits only for that)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._event_interval_seconds):
+                            await self.finished.wait()
         finally:
             self._followers -= 1
             if self._followers == 0:
