@@ -74,9 +74,8 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
         return result.scalars().all()
 
     async def read_for_conversation(self, conversation_id: UUID) -> Sequence[Row[Any]]:
-        """As list_for_conversation, as plain rows: for reads that only show or export the messages, cheaper than ORM
-        objects (nothing to build and track per message; about a quarter of a 100-message get's server time went
-        there)."""
+        """As list_for_conversation, as plain rows: for an export, cheaper than ORM objects (nothing to build and
+        track per message)."""
         result = await self.session.execute(
             select(*Message.__table__.columns)
             .where(Message.conversation_id == conversation_id)

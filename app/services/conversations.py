@@ -126,7 +126,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
 
     async def export_file(self, owner: str, conversation_id: UUID, export_format: ExportFormat) -> ExportedFile:
         """The conversation as a lossless JSON export (the whole tree) or as Markdown (the active branch)."""
-        conversation, messages = await self.get_with_messages(owner, conversation_id, tree=True)
+        conversation, messages = await self.get_with_messages(owner, conversation_id)
         if export_format == "markdown":
             branch = active_path(messages, conversation.active_message_id)
             content = render_markdown(conversation, branch).encode()
@@ -207,14 +207,10 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             raise conversation_not_found(conversation_id)
         return conversation
 
-    async def get_with_messages(
-        self, owner: str, conversation_id: UUID, *, tree: bool = False
-    ) -> tuple[Conversation, list[StoredMessage]]:
-        """A conversation and its active branch (or, with `tree`, every message of every branch), oldest first, to
-        show or export."""
+    async def get_with_messages(self, owner: str, conversation_id: UUID) -> tuple[Conversation, list[StoredMessage]]:
+        """A conversation and every message of every branch, oldest first, to export."""
         conversation = await self.get_conversation(owner, conversation_id)
-        messages: Sequence[StoredMessage] = await self.messages.read_for_conversation(conversation_id)
-        return conversation, list(messages) if tree else active_path(messages, conversation.active_message_id)
+        return conversation, list(await self.messages.read_for_conversation(conversation_id))
 
     async def rename(self, owner: str, conversation_id: UUID, title: str) -> None:
         """Give the owner's conversation a manual title, which is never replaced by an automatic one."""
