@@ -29,18 +29,30 @@ def on_grid(out_features: int, in_features: int, bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3, 8, 40, 300])
-def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows: int) -> None:
-    weight = on_grid(200, 576, bits)
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 40, 300])
+@pytest.mark.parametrize("in_features", [576, 544])  # 18 and 17 blocks (an odd last one, alone in its pair)
+def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows: int, in_features: int) -> None:
+    weight = on_grid(200, in_features, bits)
     blocks = quantize_blocks(weight, bits)
     assert blocks.exact
     layer = BlockLinear(blocks)
     assert torch.equal(layer.dequantized(), weight)
-    x = torch.randn(rows, 576)
+    x = torch.randn(rows, in_features)
     expected = x @ weight.t()
     # 40 and 300 rows take float32 products on dequantized tiles; a few rows the block kernel, which rounds each
     # block of activations to 16 bits
     assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("in_features", [576, 544])
+def test_a_row_multiplies_the_same_alone_or_beside_others(bits: int, in_features: int) -> None:
+    """Replies decoded together share the products; each must get exactly what it would alone."""
+    layer = BlockLinear(quantize_blocks(on_grid(300, in_features, bits), bits))
+    x = torch.randn(12, in_features) * torch.logspace(-2, 2, 12).unsqueeze(-1)  # rows of very different sizes
+    together = layer(x)
+    for rows in (slice(0, 1), slice(5, 6), slice(0, 4), slice(3, 11), slice(4, 12)):
+        assert torch.equal(layer(x[rows]), together[rows])
 
 
 def test_weights_off_the_grid_are_not_called_exact() -> None:

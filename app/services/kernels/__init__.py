@@ -1,7 +1,8 @@
 """Chipi's own CPU kernels (quantized.cpp), compiled once per machine and loaded as torch.ops.chipi.*.
 
 PyTorch's weight-only int4/int8 kernels are vectorized for AVX-512 only: on an AVX2 CPU they ran 10-25x slower than
-float32. These are AVX2 kernels for llama.cpp-style blocks of 32 weights (see quantized.cpp). They are compiled with
+float32. These are AVX2 kernels for llama.cpp-style blocks of 32 weights (see quantized.cpp), with AVX-512 VNNI
+products where the CPU has them (chosen at run time). They are compiled with
 the machine's C++ compiler by PyTorch's extension builder the first time a model loads (about 20 s), into
 `chipi-kernels/` inside the Python environment (e.g. `.venv/chipi-kernels`: one build per checkout's venv, so that
 two checkouts on a machine do not rebuild over each other), and loaded from there after.

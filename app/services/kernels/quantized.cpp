@@ -1,4 +1,5 @@
-// Chipi's CPU kernels for quantized linear layers (AVX2), registered as torch.ops.chipi.*.
+// Chipi's CPU kernels for quantized linear layers (AVX2, and AVX-512 VNNI where the CPU has it), registered as
+// torch.ops.chipi.*.
 //
 // Weights are stored in blocks of 32 along the input dimension, as llama.cpp's Q4_1 and Q8_0 do:
 // - q4: 16 bytes per block, byte j holding the block's weight j in its low nibble and weight j + 16 in its high
@@ -173,6 +174,180 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
   }
 }
 
+// --- AVX-512 VNNI: the same products, a pair of blocks per 512-bit vector --------------------------------------------
+//
+// Where the CPU has AVX-512 (F, BW, VL) and VNNI, a pair of blocks is one vector: the activations of blocks 2p and
+// 2p + 1 are laid out as [block 2p's values 0-15, block 2p + 1's values 0-15] and [their values 16-31], and the
+// weights unpack into the same order, so that a multiply-add and a `vpdpwssd` (16-bit multiply, pairwise add,
+// accumulate) leave block 2p's integer sums in lanes 0-7 and block 2p + 1's in lanes 8-15, each then scaled by its
+// block's combined scale. Per row, 64 products take 5 instructions instead of 16: what several concurrent rows (a
+// batch of replies) are bound by. The integer sums are the same exact ones, so the results match the AVX2 path's
+// to float32 rounding; a row's result never depends on the other rows it is multiplied with (every row's sums are
+// added in the same order, whatever R).
+#define CHIPI_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+// Activations rounded as round_block does, laid out in pairs of blocks (see above); an odd last block is paired with
+// zeros. Per row: x16 [pairs * 64], x_scales_wide [pairs * 16] (each block's scale in the 8 lanes of its sums),
+// block_sums [sums_stride] (each block's float sum, then zeros up to a multiple of 16).
+struct PairedRows {
+  const int16_t* x16;
+  const float* x_scales_wide;
+  const float* block_sums;
+  int64_t blocks, pairs, sums_stride;
+};
+
+inline int64_t sums_stride(int64_t blocks) { return (blocks + 15) / 16 * 16; }
+
+CHIPI_AVX512 void pair_rows(const float* x, int64_t M, int64_t K, int16_t* x16, float* x_scales_wide,
+                            float* block_sums) {
+  const int64_t blocks = K / kBlock, pairs = (blocks + 1) / 2, stride = sums_stride(blocks);
+  alignas(64) int16_t rounded[2 * kBlock];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pairs; ++p) {
+      float scales[2] = {0.0f, 0.0f};
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t b = 2 * p + half;
+        if (b < blocks)
+          round_block(x + m * K + b * kBlock, rounded + half * kBlock, scales[half], block_sums[m * stride + b]);
+        else
+          std::fill(rounded + half * kBlock, rounded + (half + 1) * kBlock, int16_t{0});
+      }
+      // [block 2p's values 0-15, block 2p + 1's values 0-15], then their values 16-31
+      int16_t* out = x16 + (m * pairs + p) * 64;
+      for (int64_t part = 0; part < 2; ++part) {
+        const __m256i first = _mm256_load_si256(reinterpret_cast<const __m256i*>(rounded + 16 * part));
+        const __m256i second = _mm256_load_si256(reinterpret_cast<const __m256i*>(rounded + 32 + 16 * part));
+        _mm512_storeu_si512(out + 32 * part, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
+      }
+      _mm512_storeu_ps(x_scales_wide + (m * pairs + p) * 16,
+                       _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scales[0]), _mm512_set1_ps(scales[1])));
+    }
+}
+
+// A pair of blocks' 64 weights as two vectors of 32 16-bit integers, in the paired layout; the second block's are
+// zeros where the pair is an odd last block alone.
+template <bool kQ4>
+CHIPI_AVX512 inline void unpack_pair(const uint8_t* block, bool both, __m512i& first, __m512i& second) {
+  if constexpr (kQ4) {
+    const __m256i bytes = both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block))
+                               : _mm256_maskz_loadu_epi8(0xFFFFu, block);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    first = _mm512_cvtepu8_epi16(_mm256_and_si256(bytes, nibble));
+    second = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
+  } else {
+    // 128-bit lanes: block 2p's values 0-15 and 16-31, then block 2p + 1's; reordered to (0, 2) and (1, 3)
+    const __m512i bytes = both ? _mm512_loadu_si512(block) : _mm512_maskz_loadu_epi8(0xFFFFFFFFULL, block);
+    const __m512i reordered = _mm512_shuffle_i64x2(bytes, bytes, 0xD8);
+    first = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(reordered));
+    second = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(reordered, 1));
+  }
+}
+
+// The sums of the 16 lanes of 4 vectors, by the same tree for each (lane i + lane i + 8, then + 4, + 2, + 1), into
+// out[0 .. count).
+CHIPI_AVX512 inline void store_sums(__m512 a, __m512 b, __m512 c, __m512 d, float* out, int64_t stride, int count) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 all = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  all = _mm512_add_ps(all, _mm512_permute_ps(all, 0x4E));
+  all = _mm512_add_ps(all, _mm512_permute_ps(all, 0xB1));
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, all);
+  for (int i = 0; i < count; ++i) out[i * stride] = sums[4 * i];
+}
+
+// out[r, n] for R rows and the output columns [n_begin, n_end), as dot_rows does it, a pair of blocks at a time. For
+// q4, each row's sum starts from the mins' share (the sum over blocks of min * the block's float sum of x).
+template <bool kQ4, int R>
+CHIPI_AVX512 void dot_rows_paired(const PairedRows& rows, const uint8_t* weights, const uint16_t* scales, float* out,
+                                  int64_t N, int64_t n_begin, int64_t n_end, float* wide_scales) {
+  constexpr int64_t kScales = kQ4 ? 2 : 1;
+  const int64_t blocks = rows.blocks, pairs = rows.pairs;
+  const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
+  const int64_t row_bytes = blocks * block_bytes, scale_bytes = blocks * kScales * 2;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = weights + n * row_bytes;
+    const uint16_t* row_scales = scales + n * blocks * kScales;
+    if (n + kPrefetchRows < n_end) {
+      const char* blocks_ahead = reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes);
+      const char* scales_ahead = reinterpret_cast<const char*>(row_scales + kPrefetchRows * blocks * kScales);
+      for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(blocks_ahead + offset, _MM_HINT_T0);
+      for (int64_t offset = 0; offset < scale_bytes; offset += 64) _mm_prefetch(scales_ahead + offset, _MM_HINT_T0);
+    }
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b += 16) {  // 16 blocks' weight scales (and mins) at a time
+      const __mmask16 valid = blocks - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (blocks - b)) - 1);
+      const __m512 block_scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, row_scales + b));
+      for (int64_t q = 0; q < 8 && b / 2 + q < pairs; ++q) {  // each in the 8 lanes of its block's sums
+        const __m512i lanes = _mm512_set_epi32(2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1,
+                                               2 * q + 1, 2 * q + 1, 2 * q, 2 * q, 2 * q, 2 * q, 2 * q, 2 * q, 2 * q,
+                                               2 * q);
+        _mm512_storeu_ps(wide_scales + (b / 2 + q) * 16, _mm512_permutexvar_ps(lanes, block_scales));
+      }
+      if constexpr (kQ4) {
+        const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, row_scales + blocks + b));
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(rows.block_sums + r * rows.sums_stride + b), acc[r]);
+      }
+    }
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512i first, second;
+      unpack_pair<kQ4>(row + 2 * p * block_bytes, 2 * p + 1 < blocks, first, second);
+      const __m512 weight_scales = _mm512_loadu_ps(wide_scales + p * 16);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xr = rows.x16 + (r * pairs + p) * 64;
+        const __m512i sums = _mm512_dpwssd_epi32(_mm512_madd_epi16(first, _mm512_loadu_si512(xr)), second,
+                                                 _mm512_loadu_si512(xr + 32));
+        const __m512 combined =
+            _mm512_mul_ps(weight_scales, _mm512_loadu_ps(rows.x_scales_wide + (r * pairs + p) * 16));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), combined, acc[r]);
+      }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (int r = 0; r < R; r += 4)
+      store_sums(acc[r], r + 1 < R ? acc[r + 1] : zero, r + 2 < R ? acc[r + 2] : zero, r + 3 < R ? acc[r + 3] : zero,
+                 out + r * N + n, N, std::min(4, R - r));
+  }
+}
+
+template <bool kQ4>
+CHIPI_AVX512 void paired_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp,
+                                float* op, int64_t N) {
+  const int64_t blocks = K / kBlock, pairs = (blocks + 1) / 2, stride = sums_stride(blocks);
+  std::vector<int16_t> x16(M * pairs * 64);
+  std::vector<float> x_scales_wide(M * pairs * 16), block_sums(M * stride, 0.0f);
+  pair_rows(xp, M, K, x16.data(), x_scales_wide.data(), block_sums.data());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    // each pair's weight scales, a vector per pair: whole cache lines of their own, as each thread writes its own
+    // for every output column (sharing a line with the other thread's made the products several times slower)
+    std::vector<__m512> wide_scales(pairs);
+    for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked pair of blocks
+      const PairedRows rows{x16.data() + m * pairs * 64, x_scales_wide.data() + m * pairs * 16,
+                            block_sums.data() + m * stride, blocks, pairs, stride};
+      float* om = op + m * N;
+      float* ws = reinterpret_cast<float*>(wide_scales.data());
+      switch (std::min<int64_t>(8, M - m)) {
+        case 8: dot_rows_paired<kQ4, 8>(rows, wp, sp, om, N, begin, end, ws); break;
+        case 7: dot_rows_paired<kQ4, 7>(rows, wp, sp, om, N, begin, end, ws); break;
+        case 6: dot_rows_paired<kQ4, 6>(rows, wp, sp, om, N, begin, end, ws); break;
+        case 5: dot_rows_paired<kQ4, 5>(rows, wp, sp, om, N, begin, end, ws); break;
+        case 4: dot_rows_paired<kQ4, 4>(rows, wp, sp, om, N, begin, end, ws); break;
+        case 3: dot_rows_paired<kQ4, 3>(rows, wp, sp, om, N, begin, end, ws); break;
+        case 2: dot_rows_paired<kQ4, 2>(rows, wp, sp, om, N, begin, end, ws); break;
+        default: dot_rows_paired<kQ4, 1>(rows, wp, sp, om, N, begin, end, ws);
+      }
+    }
+  });
+}
+
+// Whether this CPU (and its operating system) runs the AVX-512 VNNI products.
+bool has_avx512_vnni() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return supported;
+}
+
 template <bool kQ4>
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales);
 
@@ -191,26 +366,34 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   auto shape = input.sizes().vec();
   shape.back() = N;
   if (M >= matrix_rows) return tiled_linear<kQ4>(x, weights, scales).view(shape);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "chipi: float16 scales expected");
   const int64_t blocks = K / kBlock;
   const float* xp = x.data_ptr<float>();
+  if (has_avx512_vnni()) {
+    auto out = at::empty({M, N}, x.options());
+    paired_linear<kQ4>(xp, M, K, weights.data_ptr<uint8_t>(),
+                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), out.data_ptr<float>(), N);
+    return out.view(shape);
+  }
   std::vector<int16_t> x16(M * K);
   std::vector<float> x_scales(M * blocks), block_sums(M * blocks);
   for (int64_t i = 0; i < M * blocks; ++i) round_block(xp + i * kBlock, x16.data() + i * kBlock, x_scales[i], block_sums[i]);
   auto out = at::empty({M, N}, x.options());
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "chipi: float16 scales expected");
   const uint8_t* wp = weights.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> combined(4 * blocks);
+    // whole cache lines of its own, as each thread writes its own for every output column
+    std::vector<__m256> combined((4 * blocks + 7) / 8);
+    float* scratch = reinterpret_cast<float*>(combined.data());
     for (int64_t m = 0; m < M; m += 4) {  // up to 4 rows share each unpacked block
       const Rounded rows{x16.data() + m * K, x_scales.data() + m * blocks, block_sums.data() + m * blocks};
       float* om = op + m * N;
       switch (std::min<int64_t>(4, M - m)) {
-        case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end, combined.data()); break;
-        case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end, combined.data()); break;
-        case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end, combined.data()); break;
-        default: dot_rows<kQ4, 1>(rows, K, wp, sp, om, N, begin, end, combined.data());
+        case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+        case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+        case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+        default: dot_rows<kQ4, 1>(rows, K, wp, sp, om, N, begin, end, scratch);
       }
     }
   });
@@ -355,6 +538,22 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
 }
 
+// out[0 .. 8 kVectors) = inverse times the sum over keys j of weights[j] times value row j (row stride `stride`);
+// keys whose weight is 0 (padding) are skipped. The count is fixed at compile time so that the sums stay in registers.
+template <int kVectors>
+inline void weighted_values(const float* weights, int64_t L, const float* value, int64_t stride, __m256 inverse,
+                            float* out) {
+  __m256 sums[kVectors];
+  for (int t = 0; t < kVectors; ++t) sums[t] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    if (weights[j] == 0.0f) continue;
+    const __m256 w = _mm256_set1_ps(weights[j]);
+    const float* row = value + j * stride;
+    for (int t = 0; t < kVectors; ++t) sums[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * t), sums[t]);
+  }
+  for (int t = 0; t < kVectors; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_mul_ps(sums[t], inverse));
+}
+
 // Attention of one new token per row (a decode step): query [R, H, 1, D], keys and values [R, KV, L, D] (views of
 // the cache; H a multiple of KV, grouped-query attention), mask [R, L] (1: a real token, 0: padding) or none.
 // Returns [R, 1, H * D], the heads side by side, ready for the output projection. Same as PyTorch's
@@ -407,11 +606,13 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
         for (int64_t d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), sum);
         weights[j] = horizontal_sum(sum) * softmax_scale;
       }
-      float largest = -std::numeric_limits<float>::infinity();
-      for (j = 0; j < L; ++j) {
-        if (mp != nullptr && mp[r * L + j] == 0) weights[j] = -std::numeric_limits<float>::infinity();
-        largest = std::max(largest, weights[j]);
-      }
+      if (mp != nullptr)
+        for (j = 0; j < L; ++j)
+          if (mp[r * L + j] == 0) weights[j] = -std::numeric_limits<float>::infinity();
+      __m256 largest8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      for (j = 0; j + 8 <= L; j += 8) largest8 = _mm256_max_ps(largest8, _mm256_loadu_ps(weights.data() + j));
+      float largest = horizontal_max(largest8);
+      for (; j < L; ++j) largest = std::max(largest, weights[j]);
       float total = 0;
       j = 0;
       __m256 sums = _mm256_setzero_ps();
@@ -426,18 +627,17 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
         total += weights[j];
       }
       const __m256 inverse = _mm256_set1_ps(1.0f / total);
-      float* o = op + r * H * D + h * D;
+      const int64_t value_stride = values.stride(2);
       for (int64_t d0 = 0; d0 < D; d0 += 64) {
-        const int64_t vectors = std::min<int64_t>(8, (D - d0) / 8);
-        __m256 acc[8];
-        for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
-        for (int64_t jj = 0; jj < L; ++jj) {
-          if (weights[jj] == 0.0f) continue;
-          const __m256 w = _mm256_set1_ps(weights[jj]);
-          const float* value = v + jj * values.stride(2) + d0;
-          for (int t = 0; t < vectors; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * t), acc[t]);
+        float* o_chunk = op + r * H * D + h * D + d0;
+        const float* v_chunk = v + d0;
+        switch (std::min<int64_t>(8, (D - d0) / 8)) {
+          case 8: weighted_values<8>(weights.data(), L, v_chunk, value_stride, inverse, o_chunk); break;
+          case 6: weighted_values<6>(weights.data(), L, v_chunk, value_stride, inverse, o_chunk); break;
+          case 4: weighted_values<4>(weights.data(), L, v_chunk, value_stride, inverse, o_chunk); break;
+          case 2: weighted_values<2>(weights.data(), L, v_chunk, value_stride, inverse, o_chunk); break;
+          default: TORCH_CHECK(false, "chipi decode_attention: head size not a multiple of 16");
         }
-        for (int t = 0; t < vectors; ++t) _mm256_storeu_ps(o + d0 + 8 * t, _mm256_mul_ps(acc[t], inverse));
       }
     }
   });
@@ -455,11 +655,18 @@ at::Tensor silu_mul(const at::Tensor& input) {
   float* op = out.data_ptr<float>();
   const int64_t rows = x.numel() / (2 * D);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t i = 0; i < D; ++i) {
-        const float gate = xp[r * 2 * D + i];
-        op[r * D + i] = gate / (1.0f + std::exp(-gate)) * xp[r * 2 * D + D + i];
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = xp + r * 2 * D;
+      const float* up = gate + D;
+      int64_t i = 0;
+      for (; i + 8 <= D; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 one = _mm256_set1_ps(1.0f);
+        const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(op + r * D + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
       }
+      for (; i < D; ++i) op[r * D + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }
   });
   return out;
 }
