@@ -109,6 +109,16 @@ inline void row_scales(const Rounded& rows, int64_t blocks, const uint16_t* scal
   }
 }
 
+// Asks for the blocks and scales of the output row kPrefetchRows after this one (row, row_scales) while this one is
+// computed.
+inline void prefetch_row_ahead(const uint8_t* row, int64_t row_bytes, const uint16_t* row_scales,
+                               int64_t scale_bytes) {
+  const char* blocks_ahead = reinterpret_cast<const char*>(row) + kPrefetchRows * row_bytes;
+  const char* scales_ahead = reinterpret_cast<const char*>(row_scales) + kPrefetchRows * scale_bytes;
+  for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(blocks_ahead + offset, _MM_HINT_T0);
+  for (int64_t offset = 0; offset < scale_bytes; offset += 64) _mm_prefetch(scales_ahead + offset, _MM_HINT_T0);
+}
+
 // out[r, n] for the R rows starting at `rows` (row stride K) and the output columns [n_begin, n_end). Even and odd
 // blocks add into separate accumulators, so that consecutive multiply-adds do not wait for each other.
 template <bool kQ4, int R>
@@ -120,12 +130,7 @@ void dot_rows(Rounded rows, int64_t K, const uint8_t* weights, const uint16_t* s
   const int64_t row_bytes = blocks * block_bytes, scale_bytes = blocks * kScales * 2;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weights + n * row_bytes;
-    if (n + kPrefetchRows < n_end) {  // ask for a later row's blocks and scales while this one is computed
-      const char* blocks_ahead = reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes);
-      const char* scales_ahead = reinterpret_cast<const char*>(scales + (n + kPrefetchRows) * blocks * kScales);
-      for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(blocks_ahead + offset, _MM_HINT_T0);
-      for (int64_t offset = 0; offset < scale_bytes; offset += 64) _mm_prefetch(scales_ahead + offset, _MM_HINT_T0);
-    }
+    if (n + kPrefetchRows < n_end) prefetch_row_ahead(row, row_bytes, scales + n * blocks * kScales, scale_bytes);
     float mins[R];
     row_scales<kQ4, R>(rows, blocks, scales + n * blocks * kScales, combined, mins);
     __m256 even[R], odd[R];
@@ -268,12 +273,7 @@ CHIPI_AVX512 void dot_rows_paired(const PairedRows& rows, const uint8_t* weights
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weights + n * row_bytes;
     const uint16_t* row_scales = scales + n * blocks * kScales;
-    if (n + kPrefetchRows < n_end) {
-      const char* blocks_ahead = reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes);
-      const char* scales_ahead = reinterpret_cast<const char*>(row_scales + kPrefetchRows * blocks * kScales);
-      for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(blocks_ahead + offset, _MM_HINT_T0);
-      for (int64_t offset = 0; offset < scale_bytes; offset += 64) _mm_prefetch(scales_ahead + offset, _MM_HINT_T0);
-    }
+    if (n + kPrefetchRows < n_end) prefetch_row_ahead(row, row_bytes, row_scales, scale_bytes);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b += 16) {  // 16 blocks' weight scales (and mins) at a time
