@@ -28,15 +28,26 @@ def on_grid(out_features: int, in_features: int, bits: int) -> torch.Tensor:
     return weights.reshape(out_features, in_features)
 
 
+# 4-bit layers of a multiple of 8 outputs go into panels of 8 columns where the CPU lacks AVX-512 VNNI; 204 stays in
+# rows everywhere.
+OUT_FEATURES = [200, 204]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 40, 300])
 @pytest.mark.parametrize("in_features", [576, 544])  # 18 and 17 blocks (an odd last one, alone in its pair)
-def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows: int, in_features: int) -> None:
-    weight = on_grid(200, in_features, bits)
+@pytest.mark.parametrize("out_features", OUT_FEATURES)
+def test_block_layers_multiply_like_float32_on_the_same_weights(
+    bits: int, rows: int, in_features: int, out_features: int
+) -> None:
+    weight = on_grid(out_features, in_features, bits)
     blocks = quantize_blocks(weight, bits)
     assert blocks.exact
     layer = BlockLinear(blocks)
+    assert layer.panels == (bits == 4 and out_features % 8 == 0 and torch.ops.chipi.q4_prefers_panels())
     assert torch.equal(layer.dequantized(), weight)
+    data, scales = layer.blocks()  # what a converted model's file stores: the rows layout, whatever the layer's
+    assert torch.equal(data, blocks.data) and torch.equal(scales, blocks.scales)
     x = torch.randn(rows, in_features)
     expected = x @ weight.t()
     # 40 and 300 rows take float32 products on dequantized tiles; a few rows the block kernel, which rounds each
@@ -46,9 +57,10 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(bits: int, rows:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("in_features", [576, 544])
-def test_a_row_multiplies_the_same_alone_or_beside_others(bits: int, in_features: int) -> None:
+@pytest.mark.parametrize("out_features", OUT_FEATURES)
+def test_a_row_multiplies_the_same_alone_or_beside_others(bits: int, in_features: int, out_features: int) -> None:
     """Replies decoded together share the products; each must get exactly what it would alone."""
-    layer = BlockLinear(quantize_blocks(on_grid(300, in_features, bits), bits))
+    layer = BlockLinear(quantize_blocks(on_grid(out_features, in_features, bits), bits))
     x = torch.randn(12, in_features) * torch.logspace(-2, 2, 12).unsqueeze(-1)  # rows of very different sizes
     together = layer(x)
     for rows in (slice(0, 1), slice(5, 6), slice(0, 4), slice(3, 11), slice(4, 12)):

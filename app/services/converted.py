@@ -126,7 +126,7 @@ def _tensors_of(forward: LlamaForward) -> tuple[dict[str, torch.Tensor] | None, 
     for name, layer in _linear_layers(forward).items():
         if not isinstance(layer, BlockLinear) or layer.bias is not None:
             return None, {}
-        tensors[f"{name}.data"], tensors[f"{name}.scales"] = layer.data, layer.scales
+        tensors[f"{name}.data"], tensors[f"{name}.scales"] = layer.blocks()
         bits[name] = layer.bits
     for index, layer in enumerate(forward.decoder_layers):
         tensors[f"layers.{index}.attention_norm"] = layer.attention_norm.detach()

@@ -18,8 +18,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -177,6 +179,211 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
                                               _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i + 1], inverse)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + 16 * i), _mm256_permute4x64_epi64(packed, 0xD8));
   }
+}
+
+// --- AVX2: 4-bit weights in panels of 8 output columns -------------------------------------------------------------
+//
+// On CPUs without AVX-512 VNNI, dot_rows pays a block's scaling (a conversion to float, a multiplication and a
+// multiply-add) and a horizontal sum per output column and row: several concurrent rows (a batch of replies) were
+// bound by that arithmetic, not by reading the weights. Here the 4-bit weights are stored in panels of 8 output
+// columns, so that one vector holds 4 consecutive weights of each of the 8 columns, and a block's products for the
+// 8 columns land in the 8 lanes of one vector: its scales and mins are applied once per 8 columns, with no
+// horizontal sums. The products are `vpmaddubsw` (unsigned bytes times signed bytes, pairwise added): each 16-bit
+// activation (rounded as round_block does) is split into its high byte (signed) and low byte (unsigned), so that
+// the integer sums are exactly dot_rows' and the results match it to float32 rounding. Each row's sums are added in
+// the same order whatever rows it is multiplied with, so batched results equal solo ones.
+//
+// Layout: weights [N / 8, blocks, 128] bytes: panel p, block b holds 4 chunks of 32 bytes; byte 4 col + i of chunk c
+// holds column 8 p + col's weight 4 c + i in its low nibble and its weight 16 + 4 c + i in its high one (the rows
+// layout's byte 4 c + i of that column's block). Scales [N / 8, blocks, 16] float16: the 8 columns' scales, then
+// their mins.
+constexpr int64_t kPanel = 8;
+
+// Rows layout (see the top of this file) -> panels, for 4-bit weights of N % 8 == 0 output columns.
+std::tuple<at::Tensor, at::Tensor> q4_to_panels(const at::Tensor& weights, const at::Tensor& scales) {
+  TORCH_CHECK(weights.dim() == 2 && scales.dim() == 3 && weights.size(0) % kPanel == 0,
+              "chipi q4_to_panels: 4-bit blocks in rows, a multiple of 8 of them, expected");
+  const int64_t N = weights.size(0), blocks = weights.size(1) / (kBlock / 2), panels = N / kPanel;
+  auto w = weights.contiguous();
+  auto s = scales.contiguous();
+  auto out = at::empty({panels, blocks, 4 * kBlock}, w.options());
+  auto out_scales = at::empty({panels, blocks, 2 * kPanel}, s.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  auto* osp = reinterpret_cast<uint16_t*>(out_scales.data_ptr<at::Half>());
+  at::parallel_for(0, panels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint8_t* panel = op + (p * blocks + b) * 4 * kBlock;
+        for (int64_t col = 0; col < kPanel; ++col) {
+          const int64_t n = p * kPanel + col;
+          const uint8_t* block = wp + (n * blocks + b) * (kBlock / 2);
+          // the rows layout: byte j holds weight j (low nibble) and weight j + 16 (high)
+          for (int64_t c = 0; c < 4; ++c)
+            for (int64_t i = 0; i < 4; ++i) {
+              const int64_t j = 4 * c + i;
+              panel[32 * c + 4 * col + i] = block[j];  // weight j low, weight j + 16 high: the panel's pairing too
+            }
+          osp[(p * blocks + b) * 2 * kPanel + col] = sp[n * 2 * blocks + b];
+          osp[(p * blocks + b) * 2 * kPanel + kPanel + col] = sp[n * 2 * blocks + blocks + b];
+        }
+      }
+  });
+  return {out, out_scales};
+}
+
+// Panels -> the rows layout (what a converted model's file stores).
+std::tuple<at::Tensor, at::Tensor> q4_from_panels(const at::Tensor& weights, const at::Tensor& scales) {
+  TORCH_CHECK(weights.dim() == 3 && scales.dim() == 3, "chipi q4_from_panels: 4-bit blocks in panels expected");
+  const int64_t panels = weights.size(0), blocks = weights.size(1), N = panels * kPanel;
+  auto w = weights.contiguous();
+  auto s = scales.contiguous();
+  auto out = at::empty({N, blocks * kBlock / 2}, w.options());
+  auto out_scales = at::empty({N, 2, blocks}, s.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  auto* osp = reinterpret_cast<uint16_t*>(out_scales.data_ptr<at::Half>());
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* panel = wp + (p * blocks + b) * 4 * kBlock;
+      for (int64_t col = 0; col < kPanel; ++col) {
+        const int64_t n = p * kPanel + col;
+        for (int64_t j = 0; j < 16; ++j) op[(n * blocks + b) * (kBlock / 2) + j] = panel[32 * (j / 4) + 4 * col + j % 4];
+        osp[n * 2 * blocks + b] = sp[(p * blocks + b) * 2 * kPanel + col];
+        osp[n * 2 * blocks + blocks + b] = sp[(p * blocks + b) * 2 * kPanel + kPanel + col];
+      }
+    }
+  return {out, out_scales};
+}
+
+// A panel's block as 8 vectors of 32 weights (0..15), into unpacked[8][32]: vector v holds weights 4 v .. 4 v + 3
+// of each of the 8 columns (column col's in bytes 4 col .. 4 col + 3).
+inline void unpack_panel_block(const uint8_t* block, uint8_t* unpacked) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(unpacked + 32 * c), _mm256_and_si256(bytes, nibble));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(unpacked + 32 * (c + 4)),
+                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble));
+  }
+}
+
+// Rows of activations rounded to 16-bit integers per block of 32 as round_block does (x[k] ~ scales[k / 32] *
+// x16[k]), each split in two bytes for `vpmaddubsw`: x16 = 256 high + low, high signed (-128..127), low unsigned
+// (0..255). sums: each block's float sum (for the mins' term, as in Rounded).
+struct SplitRows {
+  const int8_t* high;
+  const uint8_t* low;
+  const float* scales;
+  const float* sums;
+};
+
+inline void split_block(const float* x, int8_t* high, uint8_t* low, float& scale, float& sum) {
+  alignas(32) int16_t x16[kBlock];
+  round_block(x, x16, scale, sum);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(x16 + 16 * half));
+    // packs interleaves 128-bit lanes; the permute puts the 16 bytes of each half back in order
+    const __m256i highs = _mm256_permute4x64_epi64(_mm256_packs_epi16(_mm256_srai_epi16(v, 8), v), 0xD8);
+    const __m256i lows = _mm256_permute4x64_epi64(
+        _mm256_packus_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0xFF)), v), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(high + 16 * half), _mm256_castsi256_si128(highs));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(low + 16 * half), _mm256_castsi256_si128(lows));
+  }
+}
+
+// out[r, 8 p .. 8 p + 8) for R rows (row stride K in rows, N in out) and the panels [p_begin, p_end).
+template <int R>
+void dot_panels(const SplitRows& rows, int64_t K, const uint8_t* weights, const uint16_t* scales, float* out,
+                int64_t N, int64_t p_begin, int64_t p_end) {
+  const int64_t blocks = K / kBlock;
+  alignas(32) uint8_t unpacked[8 * kBlock];
+  const __m256i ones = _mm256_set1_epi16(1), high_weight = _mm256_set1_epi16(256);
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const uint8_t* panel = weights + p * blocks * 4 * kBlock;
+    const uint16_t* panel_scales = scales + p * blocks * 2 * kPanel;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      // the block after next (the hardware prefetcher alone falls behind, as in dot_rows)
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (b + 2) * 4 * kBlock), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (b + 2) * 4 * kBlock + 64), _MM_HINT_T0);
+      unpack_panel_block(panel + b * 4 * kBlock, unpacked);
+      const uint16_t* block_scales = panel_scales + b * 2 * kPanel;
+      const __m256 weight_scales = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scales)));
+      const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scales + kPanel)));
+      for (int r = 0; r < R; ++r) {
+        const int32_t* high = reinterpret_cast<const int32_t*>(rows.high + r * K + b * kBlock);
+        const int32_t* low = reinterpret_cast<const int32_t*>(rows.low + r * K + b * kBlock);
+        // per 16-bit lane, at most 8 x 2 x 15 x 128 (high) and 4 x 2 x 15 x 255 (each half of low): no overflow
+        __m256i high_sums = _mm256_setzero_si256(), low_sums[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int v = 0; v < 8; ++v) {
+          const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(unpacked + 32 * v));
+          high_sums = _mm256_add_epi16(high_sums, _mm256_maddubs_epi16(w, _mm256_set1_epi32(high[v])));
+          low_sums[v / 4] = _mm256_add_epi16(low_sums[v / 4], _mm256_maddubs_epi16(_mm256_set1_epi32(low[v]), w));
+        }
+        const __m256i sums = _mm256_add_epi32(
+            _mm256_madd_epi16(high_sums, high_weight),
+            _mm256_add_epi32(_mm256_madd_epi16(low_sums[0], ones), _mm256_madd_epi16(low_sums[1], ones)));
+        const __m256 combined = _mm256_mul_ps(weight_scales, _mm256_broadcast_ss(rows.scales + r * blocks + b));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), combined, acc[r]);
+        acc[r] = _mm256_fmadd_ps(mins, _mm256_broadcast_ss(rows.sums + r * blocks + b), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * N + p * kPanel, acc[r]);
+  }
+}
+
+void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
+                  int64_t N) {
+  const int64_t blocks = K / kBlock;
+  std::vector<int8_t> high(M * K);
+  std::vector<uint8_t> low(M * K);
+  std::vector<float> x_scales(M * blocks), block_sums(M * blocks);
+  for (int64_t i = 0; i < M * blocks; ++i)
+    split_block(xp + i * kBlock, high.data() + i * kBlock, low.data() + i * kBlock, x_scales[i], block_sums[i]);
+  at::parallel_for(0, N / kPanel, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
+      const SplitRows rows{high.data() + m * K, low.data() + m * K, x_scales.data() + m * blocks,
+                           block_sums.data() + m * blocks};
+      float* om = op + m * N;
+      switch (std::min<int64_t>(8, M - m)) {
+        case 8: dot_panels<8>(rows, K, wp, sp, om, N, begin, end); break;
+        case 7: dot_panels<7>(rows, K, wp, sp, om, N, begin, end); break;
+        case 6: dot_panels<6>(rows, K, wp, sp, om, N, begin, end); break;
+        case 5: dot_panels<5>(rows, K, wp, sp, om, N, begin, end); break;
+        case 4: dot_panels<4>(rows, K, wp, sp, om, N, begin, end); break;
+        case 3: dot_panels<3>(rows, K, wp, sp, om, N, begin, end); break;
+        case 2: dot_panels<2>(rows, K, wp, sp, om, N, begin, end); break;
+        default: dot_panels<1>(rows, K, wp, sp, om, N, begin, end);
+      }
+    }
+  });
+}
+
+// Panels [p_begin, p_end) of the float32 weights the blocks stand for, into out (rows 8 p_begin on, stride K).
+void dequantize_panels(const uint8_t* weights, const uint16_t* scales, int64_t blocks, int64_t p_begin,
+                       int64_t p_end, float* out) {
+  const int64_t K = blocks * kBlock;
+  alignas(32) uint8_t unpacked[8 * kBlock];
+  alignas(32) uint8_t column[kBlock];
+  for (int64_t p = p_begin; p < p_end; ++p)
+    for (int64_t b = 0; b < blocks; ++b) {
+      unpack_panel_block(weights + (p * blocks + b) * 4 * kBlock, unpacked);
+      const uint16_t* block_scales = scales + (p * blocks + b) * 2 * kPanel;
+      for (int64_t col = 0; col < kPanel; ++col) {
+        for (int v = 0; v < 8; ++v) std::memcpy(column + 4 * v, unpacked + 32 * v + 4 * col, 4);
+        const __m256 scale = _mm256_set1_ps(half_to_float(block_scales[col]));
+        const __m256 min = _mm256_set1_ps(half_to_float(block_scales[kPanel + col]));
+        float* o = out + ((p - p_begin) * kPanel + col) * K + b * kBlock;
+        for (int j = 0; j < 4; ++j) {
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(column + 8 * j));
+          _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), scale, min));
+        }
+      }
+    }
 }
 
 // --- AVX-512 VNNI: the same products, a pair of blocks per 512-bit vector --------------------------------------------
@@ -351,13 +558,18 @@ bool has_avx512_vnni() {
 template <bool kQ4>
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales);
 
+// Whether 4-bit layers should be stored in panels here: on CPUs without the AVX-512 VNNI products.
+bool q4_prefers_panels() { return !has_avx512_vnni(); }
+
 template <bool kQ4>
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, const at::Tensor& scales,
                             int64_t matrix_rows) {
   const int64_t K = input.size(-1);
-  const int64_t N = scales.size(0);
+  const bool panels = weights.dim() == 3;  // 4-bit blocks in panels of 8 output columns
+  const int64_t N = panels ? weights.size(0) * kPanel : scales.size(0);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "chipi quantized_linear: float32 input expected");
-  TORCH_CHECK(K % kBlock == 0 && scales.size(-1) * kBlock == K, "chipi quantized_linear: shapes do not match");
+  TORCH_CHECK(K % kBlock == 0 && (panels ? kQ4 && weights.size(1) * kBlock == K : scales.size(-1) * kBlock == K),
+              "chipi quantized_linear: shapes do not match");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() &&
                   weights.numel() == N * (kQ4 ? K / 2 : K),
               "chipi quantized_linear: contiguous uint8 weights of the scales' shape expected");
@@ -369,6 +581,12 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "chipi: float16 scales expected");
   const int64_t blocks = K / kBlock;
   const float* xp = x.data_ptr<float>();
+  if (panels) {
+    auto out = at::empty({M, N}, x.options());
+    panel_linear(xp, M, K, weights.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                 out.data_ptr<float>(), N);
+    return out.view(shape);
+  }
   if (has_avx512_vnni()) {
     auto out = at::empty({M, N}, x.options());
     paired_linear<kQ4>(xp, M, K, weights.data_ptr<uint8_t>(),
@@ -384,12 +602,16 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     // whole cache lines of its own, as each thread writes its own for every output column
-    std::vector<__m256> combined((4 * blocks + 7) / 8);
+    std::vector<__m256> combined((8 * blocks + 7) / 8);
     float* scratch = reinterpret_cast<float*>(combined.data());
-    for (int64_t m = 0; m < M; m += 4) {  // up to 4 rows share each unpacked block
+    for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
       const Rounded rows{x16.data() + m * K, x_scales.data() + m * blocks, block_sums.data() + m * blocks};
       float* om = op + m * N;
-      switch (std::min<int64_t>(4, M - m)) {
+      switch (std::min<int64_t>(8, M - m)) {
+        case 8: dot_rows<kQ4, 8>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+        case 7: dot_rows<kQ4, 7>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+        case 6: dot_rows<kQ4, 6>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+        case 5: dot_rows<kQ4, 5>(rows, K, wp, sp, om, N, begin, end, scratch); break;
         case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end, scratch); break;
         case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end, scratch); break;
         case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end, scratch); break;
@@ -426,11 +648,20 @@ void dequantize_rows(const uint8_t* weights, const uint16_t* scales, int64_t blo
 
 template <bool kQ4>
 at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
+  const uint8_t* wp = weights.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  if (weights.dim() == 3) {
+    const int64_t panels = weights.size(0), blocks = weights.size(1);
+    auto out = at::empty({panels * kPanel, blocks * kBlock}, scales.options().dtype(at::kFloat));
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, panels, 2, [&](int64_t begin, int64_t end) {
+      dequantize_panels(wp, sp, blocks, begin, end, op + begin * kPanel * blocks * kBlock);
+    });
+    return out;
+  }
   const int64_t N = scales.size(0);
   const int64_t blocks = scales.size(-1);
   auto out = at::empty({N, blocks * kBlock}, scales.options().dtype(at::kFloat));
-  const uint8_t* wp = weights.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     dequantize_rows<kQ4>(wp, sp, blocks, begin, end, op + begin * blocks * kBlock);
@@ -444,19 +675,27 @@ at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
 template <bool kQ4>
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales) {
   constexpr int64_t kTile = 128;
-  const int64_t M = x.size(0), K = x.size(1), N = scales.size(0);
+  const bool panels = weights.dim() == 3;
+  const int64_t M = x.size(0), K = x.size(1), N = panels ? weights.size(0) * kPanel : scales.size(0);
   const int64_t blocks = K / kBlock;
   auto out = at::empty({M, N}, x.options());
   const uint8_t* wp = weights.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  // output rows [begin, end) dequantized into out; with panels, begin and end are multiples of 8 (the tiles' sizes)
+  auto dequantize_range = [&](int64_t begin, int64_t end, float* tile) {
+    if (panels)
+      dequantize_panels(wp, sp, blocks, begin / kPanel, end / kPanel, tile);
+    else
+      dequantize_rows<kQ4>(wp, sp, blocks, begin, end, tile);
+  };
   if (M >= kLargeRows) {  // a long prompt: the products dominate; each tile's runs on every thread
     constexpr int64_t kLargeTile = 1024;
     auto tile = at::empty({std::min(kLargeTile, N), K}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += kLargeTile) {
       const int64_t rows = std::min(kLargeTile, N - n0);
       float* tp = tile.data_ptr<float>();
-      at::parallel_for(n0, n0 + rows, 16, [&](int64_t begin, int64_t end) {
-        dequantize_rows<kQ4>(wp, sp, blocks, begin, end, tp + (begin - n0) * K);
+      at::parallel_for(0, (rows + kPanel - 1) / kPanel, 2, [&](int64_t begin, int64_t end) {  // groups of 8 rows
+        dequantize_range(n0 + begin * kPanel, n0 + std::min(end * kPanel, rows), tp + begin * kPanel * K);
       });
       out.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
     }
@@ -468,7 +707,7 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at
     auto tile = at::empty({kTile, K}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kTile, rows = std::min(kTile, N - n0);
-      dequantize_rows<kQ4>(wp, sp, blocks, n0, n0 + rows, tile.data_ptr<float>());
+      dequantize_range(n0, n0 + rows, tile.data_ptr<float>());
       // inside a parallel region, this product runs on the calling thread only
       out.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
     }
@@ -744,6 +983,9 @@ TORCH_LIBRARY(chipi, m) {
   m.def("q4_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q4_linear);
   m.def("q8_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q8_linear);
   m.def("q4_dequantize(Tensor weights, Tensor scales) -> Tensor", q4_dequantize);
+  m.def("q4_to_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", q4_to_panels);
+  m.def("q4_from_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", q4_from_panels);
+  m.def("q4_prefers_panels() -> bool", q4_prefers_panels);
   m.def("q8_dequantize(Tensor weights, Tensor scales) -> Tensor", q8_dequantize);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("silu_mul(Tensor x) -> Tensor", silu_mul);
