@@ -602,16 +602,12 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     // whole cache lines of its own, as each thread writes its own for every output column
-    std::vector<__m256> combined((8 * blocks + 7) / 8);
+    std::vector<__m256> combined((4 * blocks + 7) / 8);
     float* scratch = reinterpret_cast<float*>(combined.data());
-    for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
+    for (int64_t m = 0; m < M; m += 4) {  // up to 4 rows share each unpacked block
       const Rounded rows{x16.data() + m * K, x_scales.data() + m * blocks, block_sums.data() + m * blocks};
       float* om = op + m * N;
-      switch (std::min<int64_t>(8, M - m)) {
-        case 8: dot_rows<kQ4, 8>(rows, K, wp, sp, om, N, begin, end, scratch); break;
-        case 7: dot_rows<kQ4, 7>(rows, K, wp, sp, om, N, begin, end, scratch); break;
-        case 6: dot_rows<kQ4, 6>(rows, K, wp, sp, om, N, begin, end, scratch); break;
-        case 5: dot_rows<kQ4, 5>(rows, K, wp, sp, om, N, begin, end, scratch); break;
+      switch (std::min<int64_t>(4, M - m)) {
         case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end, scratch); break;
         case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end, scratch); break;
         case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end, scratch); break;
