@@ -99,6 +99,7 @@ class Settings:
     device: str
     dtype: str
     quantize: str
+    activation_bits: int  # 16, or 8: 4-bit layers' activations, rounded per block (CHIPI_ACTIVATION_BITS)
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -165,6 +166,7 @@ class Settings:
             device=_env("CHIPI_DEVICE", "auto"),
             dtype=dtype,
             quantize=_env_quantize(dtype),
+            activation_bits=int(_env_choice("CHIPI_ACTIVATION_BITS", "16", ("16", "8"))),
             max_new_tokens=_env_int("CHIPI_MAX_NEW_TOKENS", 512, minimum=1),
             temperature=_env_float("CHIPI_TEMPERATURE", 0.2),
             top_p=_env_float("CHIPI_TOP_P", 0.9),

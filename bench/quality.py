@@ -1,8 +1,9 @@
 """Answer quality per precision and quantization: greedy replies to a fixed prompt set, compared with float32's.
 
-    python -m bench.quality [--variants float32,auto,int8,int4,bfloat16,float16] [--max-tokens 128]
+    python -m bench.quality [--variants float32,auto,auto-a8,int8,int4,bfloat16,float16] [--max-tokens 128]
 
-For each variant (a CHIPI_DTYPE, or a CHIPI_QUANTIZE of float32 weights: `auto`, `int8`, `int4`) it loads the model,
+For each variant (a CHIPI_DTYPE, or a CHIPI_QUANTIZE of float32 weights: `auto`, `int8`, `int4`; `auto-a8` is `auto`
+with CHIPI_ACTIVATION_BITS=8) it loads the model,
 answers every prompt greedily through the same engine the server uses, and prints, next to unquantized float32's
 answer: how many leading tokens agree, and how repetitive the answer is (the share of its 4-grams that are repeats; a
 degenerate loop like "1.1.1.1" scores near 1). The replies themselves go to `--out` (default artifacts/quality.md) so
@@ -22,14 +23,16 @@ from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams
 from app.services.model import ModelService
 from app.settings import Settings
 
-# Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE); the first is the reference.
+# Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE, CHIPI_ACTIVATION_BITS); the first is the
+# reference.
 VARIANTS = {
-    "float32": ("float32", "none"),
-    "auto": ("float32", "auto"),
-    "int8": ("float32", "int8"),
-    "int4": ("float32", "int4"),
-    "bfloat16": ("bfloat16", "none"),
-    "float16": ("float16", "none"),
+    "float32": ("float32", "none", 16),
+    "auto": ("float32", "auto", 16),
+    "auto-a8": ("float32", "auto", 8),
+    "int8": ("float32", "int8", 16),
+    "int4": ("float32", "int4", 16),
+    "bfloat16": ("bfloat16", "none", 16),
+    "float16": ("float16", "none", 16),
 }
 
 PROMPTS = [
@@ -92,8 +95,10 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     results = {}
     for name in variants:
-        dtype, quantize = VARIANTS[name]
-        variant = dataclasses.replace(settings, dtype=dtype, quantize=quantize, prefix_cache_mb=0)
+        dtype, quantize, activation_bits = VARIANTS[name]
+        variant = dataclasses.replace(
+            settings, dtype=dtype, quantize=quantize, activation_bits=activation_bits, prefix_cache_mb=0
+        )
         results[name] = asyncio.run(answers(variant, args.max_tokens))
     reference = results["float32"]
     print(

@@ -312,14 +312,24 @@ async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_gene
 
 
 @pytest.mark.parametrize(
-    ("dtype", "quantize"),
-    [("auto", "auto"), ("float32", "none"), ("float16", "none"), ("float32", "int8"), ("float32", "int4")],
+    ("dtype", "quantize", "activation_bits"),
+    [
+        ("auto", "auto", 16),
+        ("auto", "auto", 8),
+        ("float32", "none", 16),
+        ("float16", "none", 16),
+        ("float32", "int8", 16),
+        ("float32", "int4", 16),
+    ],
 )
-async def test_every_precision_answers_a_plain_question(dtype: str, quantize: str) -> None:
-    """Each CHIPI_DTYPE / CHIPI_QUANTIZE the README documents loads and answers on the CPU."""
-    if quantize in ("int8", "int4") and not kernels.available():
+async def test_every_precision_answers_a_plain_question(dtype: str, quantize: str, activation_bits: int) -> None:
+    """Each CHIPI_DTYPE / CHIPI_QUANTIZE / CHIPI_ACTIVATION_BITS the README documents loads and answers on the CPU."""
+    if (quantize in ("int8", "int4") or activation_bits == 8) and not kernels.available():
         pytest.skip(f"CHIPI_QUANTIZE={quantize} needs Chipi's CPU kernels: {kernels.unavailable_reason()}")
-    model = ModelService.load(replace(Settings.from_env(), dtype=dtype, quantize=quantize, prefix_cache_mb=0))
+    settings = replace(
+        Settings.from_env(), dtype=dtype, quantize=quantize, activation_bits=activation_bits, prefix_cache_mb=0
+    )
+    model = ModelService.load(settings)
     try:
         question = prompt(model, "What is the capital of France?")
         answer = await reply(model, question, GenerationParams(max_new_tokens=24, temperature=0.0, top_p=1.0))

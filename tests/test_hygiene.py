@@ -60,6 +60,14 @@ def test_quantization_needs_float32_weights(quantize: str, dtype: str, monkeypat
         Settings.from_env()
 
 
+def test_activation_bits_are_16_or_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHIPI_ACTIVATION_BITS", "4")
+    with pytest.raises(SettingsError, match="CHIPI_ACTIVATION_BITS"):
+        Settings.from_env()
+    monkeypatch.setenv("CHIPI_ACTIVATION_BITS", "8")
+    assert Settings.from_env().activation_bits == 8
+
+
 def test_a_title_limit_beyond_the_title_column_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHIPI_MAX_TITLE_CHARS", "256")
     with pytest.raises(SettingsError, match="at most 255"):

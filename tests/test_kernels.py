@@ -55,16 +55,39 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(
     assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "activation_bits"), [(4, 16), (4, 8), (8, 16)])
 @pytest.mark.parametrize("in_features", [576, 544])
 @pytest.mark.parametrize("out_features", OUT_FEATURES)
-def test_a_row_multiplies_the_same_alone_or_beside_others(bits: int, in_features: int, out_features: int) -> None:
+def test_a_row_multiplies_the_same_alone_or_beside_others(
+    bits: int, activation_bits: int, in_features: int, out_features: int
+) -> None:
     """Replies decoded together share the products; each must get exactly what it would alone."""
-    layer = BlockLinear(quantize_blocks(on_grid(out_features, in_features, bits), bits))
+    layer = BlockLinear(quantize_blocks(on_grid(out_features, in_features, bits), bits), None, activation_bits)
     x = torch.randn(12, in_features) * torch.logspace(-2, 2, 12).unsqueeze(-1)  # rows of very different sizes
     together = layer(x)
     for rows in (slice(0, 1), slice(5, 6), slice(0, 4), slice(3, 11), slice(4, 12)):
         assert torch.equal(layer(x[rows]), together[rows])
+
+
+def rounded_to_8_bits(x: torch.Tensor) -> torch.Tensor:
+    """Each block of 32 values rounded to 8-bit integers times the block's scale (its largest magnitude / 127)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.where(scale > 0, blocks / scale, 0).round() * scale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("in_features", [576, 544])
+def test_8_bit_activations_are_rounded_per_block_and_the_rest_is_exact(rows: int, in_features: int) -> None:
+    """CHIPI_ACTIVATION_BITS=8: a 4-bit layer (in panels) rounds each block of activations to 8 bits; the products
+    of those with the weights' levels are exact integers, and the mins' term takes the float activations."""
+    weight = on_grid(200, in_features, 4)
+    layer = BlockLinear(quantize_blocks(weight, 4), None, activation_bits=8)
+    assert layer.panels
+    mins = weight.reshape(200, -1, 32).amin(-1, keepdim=True).expand(-1, -1, 32).reshape(weight.shape)
+    x = torch.randn(rows, in_features)
+    expected = rounded_to_8_bits(x) @ (weight - mins).t() + x @ mins.t()
+    assert torch.allclose(layer(x), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
 
 
 def test_weights_off_the_grid_are_not_called_exact() -> None:

@@ -42,6 +42,7 @@ class ConvertedModel:
     def __init__(self, folder: Path, settings: Settings) -> None:
         self.path = folder / f"chipi-{settings.quantize}.safetensors"
         self.folder = folder
+        self.activation_bits = settings.activation_bits  # not in the file: how its 4-bit layers multiply
         self.fingerprint = _fingerprint(folder, settings, exclude=self.path)
 
     @classmethod
@@ -69,7 +70,7 @@ class ConvertedModel:
                     logger.info("%s was made from other files or settings; converting again", self.path)
                     return None
                 tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
-            return _forward_from(tensors, metadata, self.folder)
+            return _forward_from(tensors, metadata, self.folder, self.activation_bits)
         except FileNotFoundError:
             return None
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
@@ -137,7 +138,9 @@ def _tensors_of(forward: LlamaForward) -> tuple[dict[str, torch.Tensor] | None, 
     return {name: tensor.contiguous() for name, tensor in tensors.items()}, bits
 
 
-def _forward_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], folder: Path) -> LlamaForward:
+def _forward_from(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], folder: Path, activation_bits: int
+) -> LlamaForward:
     config = PreTrainedConfig.from_dict(json.loads(metadata["config"]))
     try:
         generation_config = GenerationConfig.from_pretrained(folder)
@@ -147,7 +150,8 @@ def _forward_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fo
 
     def block(name: str) -> BlockLinear:
         # exact: these blocks are the weights now (whatever rounding made them happened at the conversion)
-        return BlockLinear(Blocks(bits[name], tensors[f"{name}.data"], tensors[f"{name}.scales"], exact=True))
+        blocks = Blocks(bits[name], tensors[f"{name}.data"], tensors[f"{name}.scales"], exact=True)
+        return BlockLinear(blocks, activation_bits=activation_bits)
 
     def weight(name: str) -> nn.Parameter:
         return nn.Parameter(tensors[name], requires_grad=False)

@@ -131,6 +131,9 @@ class LlamaForward(nn.Module):
         # step's attention into one operation each.
         self._fused = kernels.available()
         self._step = _decode_step_tensors(layers) if self._fused else None
+        # what decode_layers rounds the activations of 4-bit products in panels to (the layers' own setting)
+        rounded_to_8 = any(getattr(part, "activation_bits", 16) == 8 for layer in layers for part in _products(layer))
+        self._activation_bits = 8 if rounded_to_8 else 16
 
     @classmethod
     def from_transformers(cls, model: Any, make: LayerMaker) -> LlamaForward:
@@ -225,6 +228,7 @@ class LlamaForward(nn.Module):
             self.eps,
             self.head_dim**-0.5,
             FLOAT32_ROWS,
+            self._activation_bits,
         )
         for layer in layers:
             layer.advance(1)
@@ -283,7 +287,7 @@ def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor]
     weights: list[torch.Tensor] = []
     bits: list[int] = []
     for layer in layers:
-        products = [getattr(layer, part) for part in LINEAR_PARTS]
+        products = _products(layer)
         if not all(isinstance(product, BlockLinear) and product.bias is None for product in products):
             return None
         for product in products:
@@ -291,6 +295,10 @@ def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor]
             bits.append(product.bits)
         weights += [layer.attention_norm, layer.mlp_norm]
     return weights, bits
+
+
+def _products(layer: DecoderLayer) -> list[Any]:
+    return [getattr(layer, part) for part in LINEAR_PARTS]
 
 
 def _attention_mask(attention_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:

@@ -74,7 +74,8 @@ def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
     model.eval()
     if model.device.type == "cpu":
         if llama_forward.supports(model):
-            lean = LlamaForward.from_transformers(model, cpu_layers.float32_layers(settings.quantize))
+            layers = cpu_layers.float32_layers(settings.quantize, settings.activation_bits)
+            lean = LlamaForward.from_transformers(model, layers)
             cpu_layers.own_remaining_parameters(lean)
             if converted is not None:
                 converted.save(lean)

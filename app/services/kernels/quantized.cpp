@@ -280,6 +280,25 @@ struct SplitRows {
   const float* sums;
 };
 
+// Or 8-bit activations (CHIPI_ACTIVATION_BITS=8, as llama.cpp rounds them): high holds each block rounded to 8-bit
+// integers, its largest magnitude mapping to 127 (a relative error up to 1/254 of it), and there is no low byte.
+inline void round_block8(const float* x, int8_t* x8, float& scale, float& sum) {
+  __m256 v[4];
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 largest = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                       _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+  sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+  scale = horizontal_max(largest) / 127.0f;
+  const __m256 inverse = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+  // packs interleaves 128-bit lanes; the permute puts the 32 values back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
 inline void split_block(const float* x, int8_t* high, uint8_t* low, float& scale, float& sum) {
   alignas(32) int16_t x16[kBlock];
   round_block(x, x16, scale, sum);
@@ -295,7 +314,7 @@ inline void split_block(const float* x, int8_t* high, uint8_t* low, float& scale
 }
 
 // out[r, 8 p .. 8 p + 8) for R rows (row stride K in rows, N in out) and the panels [p_begin, p_end).
-template <int R>
+template <bool kSplit, int R>
 void dot_panels(const SplitRows& rows, int64_t K, const uint8_t* weights, const uint16_t* scales, float* out,
                 int64_t N, int64_t p_begin, int64_t p_end) {
   const int64_t blocks = K / kBlock;
@@ -316,17 +335,23 @@ void dot_panels(const SplitRows& rows, int64_t K, const uint8_t* weights, const 
       const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scales + kPanel)));
       for (int r = 0; r < R; ++r) {
         const int32_t* high = reinterpret_cast<const int32_t*>(rows.high + r * K + b * kBlock);
-        const int32_t* low = reinterpret_cast<const int32_t*>(rows.low + r * K + b * kBlock);
         // per 16-bit lane, at most 8 x 2 x 15 x 128 (high) and 4 x 2 x 15 x 255 (each half of low): no overflow
         __m256i high_sums = _mm256_setzero_si256(), low_sums[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int v = 0; v < 8; ++v) {
           const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(unpacked + 32 * v));
           high_sums = _mm256_add_epi16(high_sums, _mm256_maddubs_epi16(w, _mm256_set1_epi32(high[v])));
-          low_sums[v / 4] = _mm256_add_epi16(low_sums[v / 4], _mm256_maddubs_epi16(_mm256_set1_epi32(low[v]), w));
+          if constexpr (kSplit) {
+            const int32_t* low = reinterpret_cast<const int32_t*>(rows.low + r * K + b * kBlock);
+            low_sums[v / 4] = _mm256_add_epi16(low_sums[v / 4], _mm256_maddubs_epi16(_mm256_set1_epi32(low[v]), w));
+          }
         }
-        const __m256i sums = _mm256_add_epi32(
-            _mm256_madd_epi16(high_sums, high_weight),
-            _mm256_add_epi32(_mm256_madd_epi16(low_sums[0], ones), _mm256_madd_epi16(low_sums[1], ones)));
+        __m256i sums;
+        if constexpr (kSplit)
+          sums = _mm256_add_epi32(
+              _mm256_madd_epi16(high_sums, high_weight),
+              _mm256_add_epi32(_mm256_madd_epi16(low_sums[0], ones), _mm256_madd_epi16(low_sums[1], ones)));
+        else
+          sums = _mm256_madd_epi16(high_sums, ones);
         const __m256 combined = _mm256_mul_ps(weight_scales, _mm256_broadcast_ss(rows.scales + r * blocks + b));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), combined, acc[r]);
         acc[r] = _mm256_fmadd_ps(mins, _mm256_broadcast_ss(rows.sums + r * blocks + b), acc[r]);
@@ -336,31 +361,47 @@ void dot_panels(const SplitRows& rows, int64_t K, const uint8_t* weights, const 
   }
 }
 
-void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
-                  int64_t N) {
+template <bool kSplit>
+void panel_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
+                    int64_t N) {
   const int64_t blocks = K / kBlock;
-  std::vector<int8_t> high(M * K);
-  std::vector<uint8_t> low(M * K);
-  std::vector<float> x_scales(M * blocks), block_sums(M * blocks);
-  for (int64_t i = 0; i < M * blocks; ++i)
-    split_block(xp + i * kBlock, high.data() + i * kBlock, low.data() + i * kBlock, x_scales[i], block_sums[i]);
   at::parallel_for(0, N / kPanel, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
-      const SplitRows rows{high.data() + m * K, low.data() + m * K, x_scales.data() + m * blocks,
-                           block_sums.data() + m * blocks};
+      const SplitRows rows{all.high + m * K, all.low + m * K, all.scales + m * blocks, all.sums + m * blocks};
       float* om = op + m * N;
       switch (std::min<int64_t>(8, M - m)) {
-        case 8: dot_panels<8>(rows, K, wp, sp, om, N, begin, end); break;
-        case 7: dot_panels<7>(rows, K, wp, sp, om, N, begin, end); break;
-        case 6: dot_panels<6>(rows, K, wp, sp, om, N, begin, end); break;
-        case 5: dot_panels<5>(rows, K, wp, sp, om, N, begin, end); break;
-        case 4: dot_panels<4>(rows, K, wp, sp, om, N, begin, end); break;
-        case 3: dot_panels<3>(rows, K, wp, sp, om, N, begin, end); break;
-        case 2: dot_panels<2>(rows, K, wp, sp, om, N, begin, end); break;
-        default: dot_panels<1>(rows, K, wp, sp, om, N, begin, end);
+        case 8: dot_panels<kSplit, 8>(rows, K, wp, sp, om, N, begin, end); break;
+        case 7: dot_panels<kSplit, 7>(rows, K, wp, sp, om, N, begin, end); break;
+        case 6: dot_panels<kSplit, 6>(rows, K, wp, sp, om, N, begin, end); break;
+        case 5: dot_panels<kSplit, 5>(rows, K, wp, sp, om, N, begin, end); break;
+        case 4: dot_panels<kSplit, 4>(rows, K, wp, sp, om, N, begin, end); break;
+        case 3: dot_panels<kSplit, 3>(rows, K, wp, sp, om, N, begin, end); break;
+        case 2: dot_panels<kSplit, 2>(rows, K, wp, sp, om, N, begin, end); break;
+        default: dot_panels<kSplit, 1>(rows, K, wp, sp, om, N, begin, end);
       }
     }
   });
+}
+
+// x [M, K] times 4-bit weights in panels, with activations rounded to activation_bits (16 or 8) per block.
+void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
+                  int64_t N, int64_t activation_bits) {
+  const int64_t blocks = K / kBlock;
+  const bool split = activation_bits == 16;
+  std::vector<int8_t> high(M * K);
+  std::vector<uint8_t> low(split ? M * K : 0);
+  std::vector<float> x_scales(M * blocks), block_sums(M * blocks);
+  for (int64_t i = 0; i < M * blocks; ++i) {
+    if (split)
+      split_block(xp + i * kBlock, high.data() + i * kBlock, low.data() + i * kBlock, x_scales[i], block_sums[i]);
+    else
+      round_block8(xp + i * kBlock, high.data() + i * kBlock, x_scales[i], block_sums[i]);
+  }
+  const SplitRows rows{high.data(), low.data(), x_scales.data(), block_sums.data()};
+  if (split)
+    panel_products<true>(rows, M, K, wp, sp, op, N);
+  else
+    panel_products<false>(rows, M, K, wp, sp, op, N);
 }
 
 // Panels [p_begin, p_end) of the float32 weights the blocks stand for, into out (rows 8 p_begin on, stride K).
@@ -563,13 +604,15 @@ bool q4_prefers_panels() { return !has_avx512_vnni(); }
 
 template <bool kQ4>
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, const at::Tensor& scales,
-                            int64_t matrix_rows) {
+                            int64_t matrix_rows, int64_t activation_bits = 16) {
   const int64_t K = input.size(-1);
   const bool panels = weights.dim() == 3;  // 4-bit blocks in panels of 8 output columns
   const int64_t N = panels ? weights.size(0) * kPanel : scales.size(0);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "chipi quantized_linear: float32 input expected");
   TORCH_CHECK(K % kBlock == 0 && (panels ? kQ4 && weights.size(1) * kBlock == K : scales.size(-1) * kBlock == K),
               "chipi quantized_linear: shapes do not match");
+  TORCH_CHECK(activation_bits == 16 || (activation_bits == 8 && panels),
+              "chipi quantized_linear: activations of 16 bits, or of 8 for 4-bit weights in panels");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() &&
                   weights.numel() == N * (kQ4 ? K / 2 : K),
               "chipi quantized_linear: contiguous uint8 weights of the scales' shape expected");
@@ -584,7 +627,7 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   if (panels) {
     auto out = at::empty({M, N}, x.options());
     panel_linear(xp, M, K, weights.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                 out.data_ptr<float>(), N);
+                 out.data_ptr<float>(), N, activation_bits);
     return out.view(shape);
   }
   if (has_avx512_vnni()) {
@@ -711,8 +754,9 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at
   return out;
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t matrix_rows) {
-  return quantized_linear<true>(x, w, s, matrix_rows);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t matrix_rows,
+                     int64_t activation_bits) {
+  return quantized_linear<true>(x, w, s, matrix_rows, activation_bits);
 }
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t matrix_rows) {
   return quantized_linear<false>(x, w, s, matrix_rows);
@@ -933,11 +977,12 @@ void rotate_heads(at::Tensor& x, const at::Tensor& rotation, int64_t heads, int6
 // mlp norms; bits[4 i ...] are those products' bits (4 or 8). Its new key and value go into column `length` of
 // key_rooms[i] and value_rooms[i] [R, KV, room, D], and its attention reads columns [0, length]. rotation
 // [R, D / 2, 2]: see rotate_heads. mask [R, length + 1] (1: a real token) or none; scale: the attention's softmax
-// scale. Returns the final norm's output.
+// scale; activation_bits: those of the 4-bit products in panels (see panel_linear). Returns the final norm's output.
 at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, at::IntArrayRef bits, at::TensorList key_rooms,
                          at::TensorList value_rooms, int64_t length, const at::Tensor& rotation,
                          const std::optional<at::Tensor>& mask, const at::Tensor& final_norm, int64_t heads,
-                         int64_t kv_heads, double eps, double scale, int64_t matrix_rows) {
+                         int64_t kv_heads, double eps, double scale, int64_t matrix_rows,
+                         int64_t activation_bits) {
   const int64_t layers = static_cast<int64_t>(key_rooms.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * layers && static_cast<int64_t>(bits.size()) == 4 * layers &&
                   static_cast<int64_t>(value_rooms.size()) == layers,
@@ -948,7 +993,7 @@ at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, at::IntArray
   auto linear = [&](const at::Tensor& x, int64_t index, int64_t part) {
     const at::Tensor& data = weights[index];
     const at::Tensor& scales = weights[index + 1];
-    return bits[part] == 4 ? quantized_linear<true>(x, data, scales, matrix_rows)
+    return bits[part] == 4 ? quantized_linear<true>(x, data, scales, matrix_rows, data.dim() == 3 ? activation_bits : 16)
                            : quantized_linear<false>(x, data, scales, matrix_rows);
   };
   at::Tensor normed = rms_norm(hidden, weights[8], eps);
@@ -976,7 +1021,9 @@ at::Tensor decode_layers(at::Tensor hidden, at::TensorList weights, at::IntArray
 
 TORCH_LIBRARY(chipi, m) {
   // matrix_rows: from this many rows of x on, float32 matrix products on dequantized tiles (cpu_layers.FLOAT32_ROWS)
-  m.def("q4_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q4_linear);
+  // activation_bits: 16, or 8 for 4-bit weights in panels (see panel_linear)
+  m.def("q4_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows, int activation_bits=16) -> Tensor",
+        q4_linear);
   m.def("q8_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q8_linear);
   m.def("q4_dequantize(Tensor weights, Tensor scales) -> Tensor", q4_dequantize);
   m.def("q4_to_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", q4_to_panels);
@@ -990,6 +1037,6 @@ TORCH_LIBRARY(chipi, m) {
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
   m.def("decode_layers(Tensor(a!) hidden, Tensor[] weights, int[] bits, Tensor(b!)[] key_rooms, "
         "Tensor(c!)[] value_rooms, int length, Tensor rotation, Tensor? mask, Tensor final_norm, int heads, "
-        "int kv_heads, float eps, float scale, int matrix_rows) -> Tensor",
+        "int kv_heads, float eps, float scale, int matrix_rows, int activation_bits=16) -> Tensor",
         decode_layers);
 }
