@@ -162,21 +162,29 @@ inline float horizontal_max(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-// Rounds one block of 32 activations to 16-bit integers with a scale of its own (its largest magnitude maps to
-// 32767), and sums the block in float.
-inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) {
+// One block of 32 activations as integers with a scale of its own (its largest magnitude maps to kLargest):
+// q[i] holds x[8 i .. 8 i + 8) / scale, rounded; sum is the block's float sum.
+template <int kLargest>
+inline void scale_block(const float* x, __m256i (&q)[4], float& scale, float& sum) {
   __m256 v[4];
   for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 largest = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
                                        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
   sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-  scale = horizontal_max(largest) / 32767.0f;
+  scale = horizontal_max(largest) / static_cast<float>(kLargest);
   const __m256 inverse = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+}
+
+// Rounds one block of 32 activations to 16-bit integers with a scale of its own (its largest magnitude maps to
+// 32767), and sums the block in float.
+inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) {
+  __m256i q[4];
+  scale_block<32767>(x, q, scale, sum);
   for (int i = 0; i < 2; ++i) {
     // packs interleaves the 128-bit lanes of its two inputs; the permute puts the 16 values back in order
-    const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i], inverse)),
-                                              _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i + 1], inverse)));
+    const __m256i packed = _mm256_packs_epi32(q[2 * i], q[2 * i + 1]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + 16 * i), _mm256_permute4x64_epi64(packed, 0xD8));
   }
 }
@@ -283,16 +291,8 @@ struct SplitRows {
 // Or 8-bit activations (CHIPI_ACTIVATION_BITS=8, as llama.cpp rounds them): high holds each block rounded to 8-bit
 // integers, its largest magnitude mapping to 127 (a relative error up to 1/254 of it), and there is no low byte.
 inline void round_block8(const float* x, int8_t* x8, float& scale, float& sum) {
-  __m256 v[4];
-  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 largest = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                       _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-  sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-  scale = horizontal_max(largest) / 127.0f;
-  const __m256 inverse = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
   __m256i q[4];
-  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+  scale_block<127>(x, q, scale, sum);
   // packs interleaves 128-bit lanes; the permute puts the 32 values back in order
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8),
