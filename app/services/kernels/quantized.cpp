@@ -22,6 +22,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,6 +33,19 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kPrefetchRows = 4;
 // From this many rows on, each tile's product is large enough to share between threads.
 constexpr int64_t kLargeRows = 256;
+
+// Calls f(std::integral_constant<int, R>) with R = min(count, kMax) (count >= 1): a batch's row count as the
+// compile-time count the block kernels are instantiated for, so each row's sums stay in registers.
+template <int kMax, typename F>
+inline void with_rows(int64_t count, F&& f) {
+  if constexpr (kMax == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (count >= kMax) {
+    f(std::integral_constant<int, kMax>{});
+  } else {
+    with_rows<kMax - 1>(count, f);
+  }
+}
 
 // Per block: q4 keeps (scale, min), q8 its scale, as float16 bits.
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
@@ -369,16 +383,7 @@ void panel_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* w
     for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
       const SplitRows rows{all.high + m * K, all.low + m * K, all.scales + m * blocks, all.sums + m * blocks};
       float* om = op + m * N;
-      switch (std::min<int64_t>(8, M - m)) {
-        case 8: dot_panels<kSplit, 8>(rows, K, wp, sp, om, N, begin, end); break;
-        case 7: dot_panels<kSplit, 7>(rows, K, wp, sp, om, N, begin, end); break;
-        case 6: dot_panels<kSplit, 6>(rows, K, wp, sp, om, N, begin, end); break;
-        case 5: dot_panels<kSplit, 5>(rows, K, wp, sp, om, N, begin, end); break;
-        case 4: dot_panels<kSplit, 4>(rows, K, wp, sp, om, N, begin, end); break;
-        case 3: dot_panels<kSplit, 3>(rows, K, wp, sp, om, N, begin, end); break;
-        case 2: dot_panels<kSplit, 2>(rows, K, wp, sp, om, N, begin, end); break;
-        default: dot_panels<kSplit, 1>(rows, K, wp, sp, om, N, begin, end);
-      }
+      with_rows<8>(M - m, [&](auto count) { dot_panels<kSplit, count>(rows, K, wp, sp, om, N, begin, end); });
     }
   });
 }
@@ -575,16 +580,7 @@ CHIPI_AVX512 void paired_linear(const float* xp, int64_t M, int64_t K, const uin
                             block_sums.data() + m * stride, blocks, pairs, stride};
       float* om = op + m * N;
       float* ws = reinterpret_cast<float*>(wide_scales.data());
-      switch (std::min<int64_t>(8, M - m)) {
-        case 8: dot_rows_paired<kQ4, 8>(rows, wp, sp, om, N, begin, end, ws); break;
-        case 7: dot_rows_paired<kQ4, 7>(rows, wp, sp, om, N, begin, end, ws); break;
-        case 6: dot_rows_paired<kQ4, 6>(rows, wp, sp, om, N, begin, end, ws); break;
-        case 5: dot_rows_paired<kQ4, 5>(rows, wp, sp, om, N, begin, end, ws); break;
-        case 4: dot_rows_paired<kQ4, 4>(rows, wp, sp, om, N, begin, end, ws); break;
-        case 3: dot_rows_paired<kQ4, 3>(rows, wp, sp, om, N, begin, end, ws); break;
-        case 2: dot_rows_paired<kQ4, 2>(rows, wp, sp, om, N, begin, end, ws); break;
-        default: dot_rows_paired<kQ4, 1>(rows, wp, sp, om, N, begin, end, ws);
-      }
+      with_rows<8>(M - m, [&](auto count) { dot_rows_paired<kQ4, count>(rows, wp, sp, om, N, begin, end, ws); });
     }
   });
 }
@@ -650,12 +646,7 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
     for (int64_t m = 0; m < M; m += 4) {  // up to 4 rows share each unpacked block
       const Rounded rows{x16.data() + m * K, x_scales.data() + m * blocks, block_sums.data() + m * blocks};
       float* om = op + m * N;
-      switch (std::min<int64_t>(4, M - m)) {
-        case 4: dot_rows<kQ4, 4>(rows, K, wp, sp, om, N, begin, end, scratch); break;
-        case 3: dot_rows<kQ4, 3>(rows, K, wp, sp, om, N, begin, end, scratch); break;
-        case 2: dot_rows<kQ4, 2>(rows, K, wp, sp, om, N, begin, end, scratch); break;
-        default: dot_rows<kQ4, 1>(rows, K, wp, sp, om, N, begin, end, scratch);
-      }
+      with_rows<4>(M - m, [&](auto count) { dot_rows<kQ4, count>(rows, K, wp, sp, om, N, begin, end, scratch); });
     }
   });
   return out.view(shape);
