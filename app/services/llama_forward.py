@@ -131,9 +131,6 @@ class LlamaForward(nn.Module):
         # step's attention into one operation each.
         self._fused = kernels.available()
         self._step = _decode_step_tensors(layers) if self._fused else None
-        # what decode_layers rounds the activations of 4-bit products in panels to (the layers' own setting)
-        rounded_to_8 = any(getattr(part, "activation_bits", 16) == 8 for layer in layers for part in _products(layer))
-        self._activation_bits = 8 if rounded_to_8 else 16
 
     @classmethod
     def from_transformers(cls, model: Any, make: LayerMaker) -> LlamaForward:
@@ -210,7 +207,7 @@ class LlamaForward(nn.Module):
         """The final norm of a decode step's residual stream, every layer run by `decode_layers`, which writes each
         layer's new key and value into the cache's room."""
         assert self._step is not None
-        weights, bits = self._step
+        weights, bits, activation_bits = self._step
         length = layers[0].length
         rooms = [layer.reserve(1) for layer in layers]
         normed = torch.ops.chipi.decode_layers(
@@ -228,7 +225,7 @@ class LlamaForward(nn.Module):
             self.eps,
             self.head_dim**-0.5,
             FLOAT32_ROWS,
-            self._activation_bits,
+            activation_bits,
         )
         for layer in layers:
             layer.advance(1)
@@ -281,24 +278,23 @@ class LlamaForward(nn.Module):
         return functional.silu(gate) * up
 
 
-def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor], list[int]] | None:
-    """decode_layers' weights (per layer: each product's blocks and scales, then the two norms) and the products'
-    bits; None unless every product is in blocks, without a bias."""
+def _decode_step_tensors(layers: list[DecoderLayer]) -> tuple[list[torch.Tensor], list[int], int] | None:
+    """decode_layers' weights (per layer: each product's blocks and scales, then the two norms), the products' bits,
+    and what the 4-bit products in panels round activations to (the layers' own setting); None unless every product
+    is in blocks, without a bias."""
     weights: list[torch.Tensor] = []
     bits: list[int] = []
+    activation_bits = 16
     for layer in layers:
-        products = _products(layer)
+        products = [getattr(layer, part) for part in LINEAR_PARTS]
         if not all(isinstance(product, BlockLinear) and product.bias is None for product in products):
             return None
         for product in products:
             weights += [product.data, product.scales]
             bits.append(product.bits)
+            activation_bits = min(activation_bits, product.activation_bits)
         weights += [layer.attention_norm, layer.mlp_norm]
-    return weights, bits
-
-
-def _products(layer: DecoderLayer) -> list[Any]:
-    return [getattr(layer, part) for part in LINEAR_PARTS]
+    return weights, bits, activation_bits
 
 
 def _attention_mask(attention_mask: torch.Tensor, tokens: int) -> torch.Tensor | None:
