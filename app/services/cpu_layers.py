@@ -165,16 +165,12 @@ class BlockLinear(torch.nn.Module):
         self.out_features = blocks.data.shape[0]
         self.in_features = blocks.data.shape[1] * (2 if blocks.bits == 4 else 1)
         data, scales = blocks.data, blocks.scales
-        # 4-bit blocks in panels of 8 output columns (see quantized.cpp): on CPUs without AVX-512 VNNI, and for
-        # 8-bit activations, which only that kernel takes
-        self.panels = (
-            blocks.bits == 4
-            and self.out_features % 8 == 0
-            and (activation_bits == 8 or torch.ops.chipi.q4_prefers_panels())
-        )
-        self.activation_bits = activation_bits if self.panels else 16
+        # Blocks in panels of 8 output columns (see quantized.cpp), which only a layer of a multiple of 8 outputs
+        # fills: 4-bit ones everywhere, 8-bit ones where the CPU has AVX-512 VNNI (the only kernel for them)
+        self.panels = self.out_features % 8 == 0 and (self.bits == 4 or torch.ops.chipi.q8_panels_supported())
+        self.activation_bits = activation_bits if self.panels and self.bits == 4 else 16
         if self.panels:
-            data, scales = torch.ops.chipi.q4_to_panels(data, scales)
+            data, scales = self._panels_op("to")(data, scales)
         self.data: torch.Tensor
         self.scales: torch.Tensor
         self.register_buffer("data", data)
@@ -184,8 +180,12 @@ class BlockLinear(torch.nn.Module):
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks' data and scales as `quantize_blocks` lays them out (what a converted model's file stores)."""
         if self.panels:
-            return torch.ops.chipi.q4_from_panels(self.data, self.scales)  # type: ignore[no-any-return]
+            return self._panels_op("from")(self.data, self.scales)  # type: ignore[no-any-return]
         return self.data, self.scales
+
+    def _panels_op(self, direction: str) -> Any:
+        """torch.ops.chipi.q{4,8}_{to,from}_panels for this layer's bits."""
+        return getattr(torch.ops.chipi, f"q{self.bits}_{direction}_panels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -204,9 +204,9 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
   }
 }
 
-// --- AVX2: 4-bit weights in panels of 8 output columns -------------------------------------------------------------
+// --- 4-bit weights in panels of 8 output columns (AVX2; two at a time with AVX-512 VNNI, below) --------------------
 //
-// On CPUs without AVX-512 VNNI, dot_rows pays a block's scaling (a conversion to float, a multiplication and a
+// The rows kernels (dot_rows, dot_rows_paired) pay a block's scaling (a conversion to float, a multiplication and a
 // multiply-add) and a horizontal sum per output column and row: several concurrent rows (a batch of replies) were
 // bound by that arithmetic, not by reading the weights. Here the 4-bit weights are stored in panels of 8 output
 // columns, so that one vector holds 4 consecutive weights of each of the 8 columns, and a block's products for the
@@ -219,21 +219,29 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
 // Layout: weights [N / 8, blocks, 128] bytes: panel p, block b holds 4 chunks of 32 bytes; byte 4 col + i of chunk c
 // holds column 8 p + col's weight 4 c + i in its low nibble and its weight 16 + 4 c + i in its high one (the rows
 // layout's byte 4 c + i of that column's block). Scales [N / 8, blocks, 16] float16: the 8 columns' scales, then
-// their mins.
+// their mins. 8-bit weights (multiplied in panels with AVX-512 VNNI only): [N / 8, blocks, 256], 8 chunks, byte 4 col
+// + i of chunk c holding the column's weight 4 c + i; scales [N / 8, blocks, 8].
 constexpr int64_t kPanel = 8;
 // How many blocks ahead (of 128 bytes) the panel kernel asks for weights: 2 KB, which made a decode step of one row
 // 5% faster than asking for the block after next (the same from 1 to 4 KB; several rows, bound by arithmetic, alike).
 constexpr int64_t kPanelPrefetchBlocks = 16;
 
-// Rows layout (see the top of this file) -> panels, for 4-bit weights of N % 8 == 0 output columns.
-std::tuple<at::Tensor, at::Tensor> q4_to_panels(const at::Tensor& weights, const at::Tensor& scales) {
-  TORCH_CHECK(weights.dim() == 2 && scales.dim() == 3 && weights.size(0) % kPanel == 0,
-              "chipi q4_to_panels: 4-bit blocks in rows, a multiple of 8 of them, expected");
-  const int64_t N = weights.size(0), blocks = weights.size(1) / (kBlock / 2), panels = N / kPanel;
+// A panel's bytes per block (128 for q4, 256 for q8) and float16 values per block (q4: 8 scales, then 8 mins).
+constexpr int64_t panel_block_bytes(bool q4) { return kPanel * (q4 ? kBlock / 2 : kBlock); }
+constexpr int64_t panel_block_scales(bool q4) { return kPanel * (q4 ? 2 : 1); }
+
+// Rows layout (see the top of this file) -> panels, for N % 8 == 0 output columns. A block's byte j (of 16 or 32)
+// goes to byte 4 col + j % 4 of the panel's chunk j / 4: the q4 weights j and j + 16 stay paired in their byte.
+template <bool kQ4>
+std::tuple<at::Tensor, at::Tensor> to_panels(const at::Tensor& weights, const at::Tensor& scales) {
+  TORCH_CHECK(weights.dim() == 2 && scales.dim() == (kQ4 ? 3 : 2) && weights.size(0) % kPanel == 0,
+              "chipi to_panels: blocks in rows, a multiple of 8 of them, expected");
+  constexpr int64_t kBlockBytes = kQ4 ? kBlock / 2 : kBlock, kScales = kQ4 ? 2 : 1;
+  const int64_t N = weights.size(0), blocks = weights.size(1) / kBlockBytes, panels = N / kPanel;
   auto w = weights.contiguous();
   auto s = scales.contiguous();
-  auto out = at::empty({panels, blocks, 4 * kBlock}, w.options());
-  auto out_scales = at::empty({panels, blocks, 2 * kPanel}, s.options());
+  auto out = at::empty({panels, blocks, panel_block_bytes(kQ4)}, w.options());
+  auto out_scales = at::empty({panels, blocks, panel_block_scales(kQ4)}, s.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
   uint8_t* op = out.data_ptr<uint8_t>();
@@ -241,18 +249,14 @@ std::tuple<at::Tensor, at::Tensor> q4_to_panels(const at::Tensor& weights, const
   at::parallel_for(0, panels, 16, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       for (int64_t b = 0; b < blocks; ++b) {
-        uint8_t* panel = op + (p * blocks + b) * 4 * kBlock;
+        uint8_t* panel = op + (p * blocks + b) * panel_block_bytes(kQ4);
+        uint16_t* panel_scales = osp + (p * blocks + b) * panel_block_scales(kQ4);
         for (int64_t col = 0; col < kPanel; ++col) {
           const int64_t n = p * kPanel + col;
-          const uint8_t* block = wp + (n * blocks + b) * (kBlock / 2);
-          // the rows layout: byte j holds weight j (low nibble) and weight j + 16 (high)
-          for (int64_t c = 0; c < 4; ++c)
-            for (int64_t i = 0; i < 4; ++i) {
-              const int64_t j = 4 * c + i;
-              panel[32 * c + 4 * col + i] = block[j];  // weight j low, weight j + 16 high: the panel's pairing too
-            }
-          osp[(p * blocks + b) * 2 * kPanel + col] = sp[n * 2 * blocks + b];
-          osp[(p * blocks + b) * 2 * kPanel + kPanel + col] = sp[n * 2 * blocks + blocks + b];
+          const uint8_t* block = wp + (n * blocks + b) * kBlockBytes;
+          for (int64_t j = 0; j < kBlockBytes; ++j) panel[32 * (j / 4) + 4 * col + j % 4] = block[j];
+          for (int64_t k = 0; k < kScales; ++k)  // rows: each row's scales, then (q4) its mins
+            panel_scales[k * kPanel + col] = sp[(n * kScales + k) * blocks + b];
         }
       }
   });
@@ -260,25 +264,28 @@ std::tuple<at::Tensor, at::Tensor> q4_to_panels(const at::Tensor& weights, const
 }
 
 // Panels -> the rows layout (what a converted model's file stores).
-std::tuple<at::Tensor, at::Tensor> q4_from_panels(const at::Tensor& weights, const at::Tensor& scales) {
-  TORCH_CHECK(weights.dim() == 3 && scales.dim() == 3, "chipi q4_from_panels: 4-bit blocks in panels expected");
+template <bool kQ4>
+std::tuple<at::Tensor, at::Tensor> from_panels(const at::Tensor& weights, const at::Tensor& scales) {
+  TORCH_CHECK(weights.dim() == 3 && scales.dim() == 3 && weights.size(2) == panel_block_bytes(kQ4),
+              "chipi from_panels: blocks in panels expected");
+  constexpr int64_t kBlockBytes = kQ4 ? kBlock / 2 : kBlock, kScales = kQ4 ? 2 : 1;
   const int64_t panels = weights.size(0), blocks = weights.size(1), N = panels * kPanel;
   auto w = weights.contiguous();
   auto s = scales.contiguous();
-  auto out = at::empty({N, blocks * kBlock / 2}, w.options());
-  auto out_scales = at::empty({N, 2, blocks}, s.options());
+  auto out = at::empty({N, blocks * kBlockBytes}, w.options());
+  auto out_scales = kQ4 ? at::empty({N, 2, blocks}, s.options()) : at::empty({N, blocks}, s.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
   uint8_t* op = out.data_ptr<uint8_t>();
   auto* osp = reinterpret_cast<uint16_t*>(out_scales.data_ptr<at::Half>());
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* panel = wp + (p * blocks + b) * 4 * kBlock;
+      const uint8_t* panel = wp + (p * blocks + b) * panel_block_bytes(kQ4);
+      const uint16_t* panel_scales = sp + (p * blocks + b) * panel_block_scales(kQ4);
       for (int64_t col = 0; col < kPanel; ++col) {
         const int64_t n = p * kPanel + col;
-        for (int64_t j = 0; j < 16; ++j) op[(n * blocks + b) * (kBlock / 2) + j] = panel[32 * (j / 4) + 4 * col + j % 4];
-        osp[n * 2 * blocks + b] = sp[(p * blocks + b) * 2 * kPanel + col];
-        osp[n * 2 * blocks + blocks + b] = sp[(p * blocks + b) * 2 * kPanel + kPanel + col];
+        for (int64_t j = 0; j < kBlockBytes; ++j) op[(n * blocks + b) * kBlockBytes + j] = panel[32 * (j / 4) + 4 * col + j % 4];
+        for (int64_t k = 0; k < kScales; ++k) osp[(n * kScales + k) * blocks + b] = panel_scales[k * kPanel + col];
       }
     }
   return {out, out_scales};
@@ -304,6 +311,13 @@ struct SplitRows {
   const uint8_t* low;
   const float* scales;
   const float* sums;
+  const int32_t* corrections;  // for 8-bit weights: 32768 times each block's sum of high bytes (see dot_panel_pairs)
+
+  // The rows from row m on.
+  SplitRows from(int64_t m, int64_t K) const {
+    const int64_t blocks = K / kBlock;
+    return {high + m * K, low + m * K, scales + m * blocks, sums + m * blocks, corrections + m * blocks};
+  }
 };
 
 // Or 8-bit activations (CHIPI_ACTIVATION_BITS=8, as llama.cpp rounds them): high holds each block rounded to 8-bit
@@ -386,14 +400,21 @@ void panel_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* w
   const int64_t blocks = K / kBlock;
   at::parallel_for(0, N / kPanel, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
-      const SplitRows rows{all.high + m * K, all.low + m * K, all.scales + m * blocks, all.sums + m * blocks};
+      const SplitRows rows = all.from(m, K);
       float* om = op + m * N;
       with_rows<8>(M - m, [&](auto count) { dot_panels<kSplit, count>(rows, K, wp, sp, om, N, begin, end); });
     }
   });
 }
 
-// x [M, K] times 4-bit weights in panels, with activations rounded to activation_bits (16 or 8) per block.
+bool has_avx512_vnni();
+template <bool kQ4, bool kSplit>
+void panel_pair_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp,
+                         float* op, int64_t N);
+
+// x [M, K] times weights in panels, with activations rounded to activation_bits (16, or 8 for 4-bit weights) per
+// block. 8-bit weights in panels need AVX-512 VNNI.
+template <bool kQ4>
 void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
                   int64_t N, int64_t activation_bits) {
   const int64_t blocks = K / kBlock;
@@ -401,20 +422,38 @@ void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, cons
   std::vector<int8_t> high(M * K);
   std::vector<uint8_t> low(split ? M * K : 0);
   std::vector<float> x_scales(M * blocks), block_sums(M * blocks);
+  std::vector<int32_t> corrections(kQ4 ? 0 : M * blocks);
   for (int64_t i = 0; i < M * blocks; ++i) {
     if (split)
       split_block(xp + i * kBlock, high.data() + i * kBlock, low.data() + i * kBlock, x_scales[i], block_sums[i]);
     else
       round_block8(xp + i * kBlock, high.data() + i * kBlock, x_scales[i], block_sums[i]);
+    if constexpr (!kQ4) {
+      int32_t high_sum = 0;
+      for (int64_t k = 0; k < kBlock; ++k) high_sum += high[i * kBlock + k];
+      corrections[i] = 32768 * high_sum;
+    }
   }
-  const SplitRows rows{high.data(), low.data(), x_scales.data(), block_sums.data()};
-  if (split)
-    panel_products<true>(rows, M, K, wp, sp, op, N);
-  else
-    panel_products<false>(rows, M, K, wp, sp, op, N);
+  const SplitRows rows{high.data(), low.data(), x_scales.data(), block_sums.data(), corrections.data()};
+  if constexpr (kQ4) {
+    if (has_avx512_vnni()) {
+      if (split)
+        panel_pair_products<true, true>(rows, M, K, wp, sp, op, N);
+      else
+        panel_pair_products<true, false>(rows, M, K, wp, sp, op, N);
+    } else if (split) {
+      panel_products<true>(rows, M, K, wp, sp, op, N);
+    } else {
+      panel_products<false>(rows, M, K, wp, sp, op, N);
+    }
+  } else {
+    TORCH_CHECK(has_avx512_vnni() && split, "chipi: 8-bit weights in panels need AVX-512 VNNI and 16-bit activations");
+    panel_pair_products<false, true>(rows, M, K, wp, sp, op, N);
+  }
 }
 
 // Panels [p_begin, p_end) of the float32 weights the blocks stand for, into out (rows 8 p_begin on, stride K).
+template <bool kQ4>
 void dequantize_panels(const uint8_t* weights, const uint16_t* scales, int64_t blocks, int64_t p_begin,
                        int64_t p_end, float* out) {
   const int64_t K = blocks * kBlock;
@@ -422,16 +461,21 @@ void dequantize_panels(const uint8_t* weights, const uint16_t* scales, int64_t b
   alignas(32) uint8_t column[kBlock];
   for (int64_t p = p_begin; p < p_end; ++p)
     for (int64_t b = 0; b < blocks; ++b) {
-      unpack_panel_block(weights + (p * blocks + b) * 4 * kBlock, unpacked);
-      const uint16_t* block_scales = scales + (p * blocks + b) * 2 * kPanel;
+      const uint8_t* block = weights + (p * blocks + b) * panel_block_bytes(kQ4);
+      if constexpr (kQ4)
+        unpack_panel_block(block, unpacked);
+      else
+        std::memcpy(unpacked, block, sizeof(unpacked));  // already one weight per byte, in unpacked's order
+      const uint16_t* block_scales = scales + (p * blocks + b) * panel_block_scales(kQ4);
       for (int64_t col = 0; col < kPanel; ++col) {
         for (int v = 0; v < 8; ++v) std::memcpy(column + 4 * v, unpacked + 32 * v + 4 * col, 4);
         const __m256 scale = _mm256_set1_ps(half_to_float(block_scales[col]));
-        const __m256 min = _mm256_set1_ps(half_to_float(block_scales[kPanel + col]));
+        const __m256 min = _mm256_set1_ps(kQ4 ? half_to_float(block_scales[kPanel + col]) : 0.0f);
         float* o = out + ((p - p_begin) * kPanel + col) * K + b * kBlock;
         for (int j = 0; j < 4; ++j) {
           const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(column + 8 * j));
-          _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), scale, min));
+          const __m256i q = kQ4 ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
+          _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), scale, min));
         }
       }
     }
@@ -590,6 +634,106 @@ CHIPI_AVX512 void paired_linear(const float* xp, int64_t M, int64_t K, const uin
   });
 }
 
+// 32 bytes from each of two places as one vector.
+CHIPI_AVX512 inline __m512i two_chunks(const uint8_t* first, const uint8_t* second) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second)), 1);
+}
+
+// 8 float16 values from each of two places as one vector of 16 floats.
+CHIPI_AVX512 inline __m512 sixteen_halves(const uint16_t* first, const uint16_t* second) {
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(second)), 1));
+}
+
+// The panels two at a time (16 output columns, one 512-bit vector), with `vpdpbusd` (unsigned bytes times signed
+// bytes, 4 at a time, added into 32-bit lanes): per row and block, 8 of them for 8-bit activations and 16 for 16-bit
+// ones split as dot_panels splits them, with no 16-bit partial sums to widen. For 4-bit weights the integer sums and
+// the float operations after them are dot_panels' own, so the results are the same. 8-bit weights are signed, as are
+// the activations' high bytes: those products take the weights plus 128 (unsigned), and each block's corrections
+// take the 128 times the sum of its high bytes back out, so the sums are exact too. An odd last panel is read twice
+// and stored once.
+template <bool kQ4, bool kSplit, int R>
+CHIPI_AVX512 void dot_panel_pairs(const SplitRows& rows, int64_t K, const uint8_t* weights, const uint16_t* scales,
+                                  float* out, int64_t N, int64_t p_begin, int64_t p_end) {
+  constexpr int64_t kBytes = panel_block_bytes(kQ4), kScales = panel_block_scales(kQ4);
+  const int64_t blocks = K / kBlock, panel_bytes = blocks * kBytes, panel_scales = blocks * kScales;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t p = p_begin; p < p_end; p += 2) {
+    const bool both = p + 1 < p_end;
+    const uint8_t* first = weights + p * panel_bytes;
+    const uint8_t* second = both ? first + panel_bytes : first;
+    const uint16_t* first_scales = scales + p * panel_scales;
+    const uint16_t* second_scales = both ? first_scales + panel_scales : first_scales;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t offset = b * kBytes;
+      // the two panels lie one after the other: read them as one stream, kPanelPrefetchBlocks pairs of blocks ahead
+      const char* ahead = reinterpret_cast<const char*>(first) + 2 * (offset + kPanelPrefetchBlocks * kBytes);
+      for (int64_t line = 0; line < 2 * kBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+      // w[v]: weights 4 v .. 4 v + 3 of the 16 columns, as in unpack_panel_block; unsigned: each plus 128 (q8)
+      __m512i w[8], unsigned_w[8];
+      for (int c = 0; c < 4; ++c) {
+        if constexpr (kQ4) {
+          const __m512i bytes = two_chunks(first + offset + 32 * c, second + offset + 32 * c);
+          w[c] = unsigned_w[c] = _mm512_and_si512(bytes, nibble);
+          w[c + 4] = unsigned_w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+        } else {
+          for (int v = 2 * c; v < 2 * c + 2; ++v) {
+            w[v] = two_chunks(first + offset + 32 * v, second + offset + 32 * v);
+            unsigned_w[v] = _mm512_xor_si512(w[v], sign);
+          }
+        }
+      }
+      const int64_t at = b * kScales;
+      const __m512 weight_scales = sixteen_halves(first_scales + at, second_scales + at);
+      __m512 mins = _mm512_setzero_ps();
+      if constexpr (kQ4) mins = sixteen_halves(first_scales + at + kPanel, second_scales + at + kPanel);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* high = reinterpret_cast<const int32_t*>(rows.high + r * K + b * kBlock);
+        // two chains of sums, so that one row's multiply-adds do not all wait for each other
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+        for (int v = 0; v < 8; v += 2) {
+          even = _mm512_dpbusd_epi32(even, unsigned_w[v], _mm512_set1_epi32(high[v]));
+          odd = _mm512_dpbusd_epi32(odd, unsigned_w[v + 1], _mm512_set1_epi32(high[v + 1]));
+        }
+        __m512i sums = _mm512_add_epi32(even, odd);
+        if constexpr (kSplit) {
+          const int32_t* low = reinterpret_cast<const int32_t*>(rows.low + r * K + b * kBlock);
+          __m512i low_even = _mm512_setzero_si512(), low_odd = _mm512_setzero_si512();
+          for (int v = 0; v < 8; v += 2) {
+            low_even = _mm512_dpbusd_epi32(low_even, _mm512_set1_epi32(low[v]), w[v]);
+            low_odd = _mm512_dpbusd_epi32(low_odd, _mm512_set1_epi32(low[v + 1]), w[v + 1]);
+          }
+          sums = _mm512_add_epi32(_mm512_slli_epi32(sums, 8), _mm512_add_epi32(low_even, low_odd));
+        }
+        if constexpr (!kQ4) sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(rows.corrections[r * blocks + b]));
+        const __m512 combined = _mm512_mul_ps(weight_scales, _mm512_set1_ps(rows.scales[r * blocks + b]));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), combined, acc[r]);
+        if constexpr (kQ4) acc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(rows.sums[r * blocks + b]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * N + p * kPanel, both ? 0xFFFF : 0x00FF, acc[r]);
+  }
+}
+
+template <bool kQ4, bool kSplit>
+void panel_pair_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp,
+                         float* op, int64_t N) {
+  const int64_t panels = N / kPanel;
+  at::parallel_for(0, (panels + 1) / 2, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows share each unpacked block
+      const SplitRows rows = all.from(m, K);
+      float* om = op + m * N;
+      with_rows<8>(M - m, [&](auto count) {
+        dot_panel_pairs<kQ4, kSplit, count>(rows, K, wp, sp, om, N, 2 * begin, std::min(2 * end, panels));
+      });
+    }
+  });
+}
+
 // Whether this CPU (and its operating system) runs the AVX-512 VNNI products.
 bool has_avx512_vnni() {
   static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -600,19 +744,16 @@ bool has_avx512_vnni() {
 template <bool kQ4>
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& scales);
 
-// Whether 4-bit layers should be stored in panels here: on CPUs without the AVX-512 VNNI products.
-bool q4_prefers_panels() { return !has_avx512_vnni(); }
-
 template <bool kQ4>
 at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, const at::Tensor& scales,
                             int64_t matrix_rows, int64_t activation_bits = 16) {
   const int64_t K = input.size(-1);
-  const bool panels = weights.dim() == 3;  // 4-bit blocks in panels of 8 output columns
+  const bool panels = weights.dim() == 3;  // blocks in panels of 8 output columns
   const int64_t N = panels ? weights.size(0) * kPanel : scales.size(0);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "chipi quantized_linear: float32 input expected");
-  TORCH_CHECK(K % kBlock == 0 && (panels ? kQ4 && weights.size(1) * kBlock == K : scales.size(-1) * kBlock == K),
+  TORCH_CHECK(K % kBlock == 0 && (panels ? weights.size(1) * kBlock == K : scales.size(-1) * kBlock == K),
               "chipi quantized_linear: shapes do not match");
-  TORCH_CHECK(activation_bits == 16 || (activation_bits == 8 && panels),
+  TORCH_CHECK(activation_bits == 16 || (activation_bits == 8 && panels && kQ4),
               "chipi quantized_linear: activations of 16 bits, or of 8 for 4-bit weights in panels");
   TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() &&
                   weights.numel() == N * (kQ4 ? K / 2 : K),
@@ -627,8 +768,9 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   const float* xp = x.data_ptr<float>();
   if (panels) {
     auto out = at::empty({M, N}, x.options());
-    panel_linear(xp, M, K, weights.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                 out.data_ptr<float>(), N, activation_bits);
+    panel_linear<kQ4>(xp, M, K, weights.data_ptr<uint8_t>(),
+                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), out.data_ptr<float>(), N,
+                      activation_bits);
     return out.view(shape);
   }
   if (has_avx512_vnni()) {
@@ -690,7 +832,7 @@ at::Tensor dequantize(const at::Tensor& weights, const at::Tensor& scales) {
     auto out = at::empty({panels * kPanel, blocks * kBlock}, scales.options().dtype(at::kFloat));
     float* op = out.data_ptr<float>();
     at::parallel_for(0, panels, 2, [&](int64_t begin, int64_t end) {
-      dequantize_panels(wp, sp, blocks, begin, end, op + begin * kPanel * blocks * kBlock);
+      dequantize_panels<kQ4>(wp, sp, blocks, begin, end, op + begin * kPanel * blocks * kBlock);
     });
     return out;
   }
@@ -719,7 +861,7 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weights, const at
   // output rows [begin, end) dequantized into out; with panels, begin and end are multiples of 8 (the tiles' sizes)
   auto dequantize_range = [&](int64_t begin, int64_t end, float* tile) {
     if (panels)
-      dequantize_panels(wp, sp, blocks, begin / kPanel, end / kPanel, tile);
+      dequantize_panels<kQ4>(wp, sp, blocks, begin / kPanel, end / kPanel, tile);
     else
       dequantize_rows<kQ4>(wp, sp, blocks, begin, end, tile);
   };
@@ -1022,9 +1164,11 @@ TORCH_LIBRARY(chipi, m) {
         q4_linear);
   m.def("q8_linear(Tensor x, Tensor weights, Tensor scales, int matrix_rows) -> Tensor", q8_linear);
   m.def("q4_dequantize(Tensor weights, Tensor scales) -> Tensor", q4_dequantize);
-  m.def("q4_to_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", q4_to_panels);
-  m.def("q4_from_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", q4_from_panels);
-  m.def("q4_prefers_panels() -> bool", q4_prefers_panels);
+  m.def("q4_to_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", to_panels<true>);
+  m.def("q4_from_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", from_panels<true>);
+  m.def("q8_to_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", to_panels<false>);
+  m.def("q8_from_panels(Tensor weights, Tensor scales) -> (Tensor, Tensor)", from_panels<false>);
+  m.def("q8_panels_supported() -> bool", has_avx512_vnni);
   m.def("q8_dequantize(Tensor weights, Tensor scales) -> Tensor", q8_dequantize);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("silu_mul(Tensor x) -> Tensor", silu_mul);
