@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.services import kernels
-from app.services.cpu_layers import BlockLinear, quantize_blocks
+from app.services import cpu_layers, kernels
+from app.services.cpu_layers import BlockLinear, Blocks, quantize_blocks
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no kernels here: {kernels.unavailable_reason()}")
 
@@ -46,13 +46,33 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(
     layer = BlockLinear(blocks)
     assert layer.panels == (out_features % 8 == 0 and (bits == 4 or torch.ops.chipi.q8_panels_supported()))
     assert torch.equal(layer.dequantized(), weight)
-    data, scales = layer.blocks()  # what a converted model's file stores: the rows layout, whatever the layer's
-    assert torch.equal(data, blocks.data) and torch.equal(scales, blocks.scales)
+    in_rows = layer.blocks()  # back in rows, whatever the layer's layout
+    assert torch.equal(in_rows.data, blocks.data) and torch.equal(in_rows.scales, blocks.scales)
+    from_file = BlockLinear(Blocks(bits, *layer.stored(), exact=True))  # what a converted model's file gives back
+    assert torch.equal(from_file.data, layer.data) and torch.equal(from_file.scales, layer.scales)
     x = torch.randn(rows, in_features)
     expected = x @ weight.t()
     # 40 and 300 rows take float32 products on dequantized tiles; a few rows the block kernel, which rounds each
     # block of activations to 16 bits
     assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_layer_takes_blocks_in_either_layout(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted model's file keeps blocks in panels; a CPU that multiplies them in rows (8-bit ones without
+    AVX-512 VNNI) rearranges them as they load, and the other way round."""
+    weight = on_grid(200, 576, bits)
+    stored = BlockLinear(quantize_blocks(weight, bits)).stored()
+    assert stored[0].dim() == 3  # in panels, whatever this CPU multiplies them in
+    x = torch.randn(3, 576)
+    expected = x @ weight.t()
+    for panels in (False, True) if bits == 4 or torch.ops.chipi.q8_panels_supported() else (False,):
+        monkeypatch.setattr(cpu_layers, "multiplied_in_panels", lambda bits, out, panels=panels: panels)
+        for blocks in (Blocks(bits, *stored, exact=True), quantize_blocks(weight, bits)):
+            layer = BlockLinear(blocks)
+            assert layer.panels == panels == (layer.data.dim() == 3)
+            assert torch.equal(layer.dequantized(), weight)
+            assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize(("bits", "activation_bits"), [(4, 16), (4, 8), (8, 16)])

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # (the block kernel unpacks each block once per 4 rows, which is slower there).
 FLOAT32_ROWS = 16
 BLOCK = 32  # weights per block, along the input dimension
+PANEL = 8  # output rows per panel (quantized.cpp)
 # A weight counts as on a block's grid when it is within this share of one quantization step of it: weights
 # dequantized from a GGUF file are on it up to float rounding, others are up to half a step off.
 _GRID_TOLERANCE = 1e-3
@@ -86,13 +87,27 @@ def onednn_packs_linears() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """A weight matrix `[out, in]` in blocks of 32 weights along `in` (the layout quantized.cpp documents)."""
+    """A weight matrix `[out, in]` in blocks of 32 weights along `in`, in rows (what quantize_blocks makes) or in
+    panels of 8 output rows (what a layer keeps and a converted model's file stores; quantized.cpp documents both)."""
 
     bits: int
-    data: torch.Tensor  # uint8: [out, in / 2] for 4 bits, [out, in] for 8
-    # float16: [out, 2, in / 32] (each row's scales, then its mins) for 4 bits, [out, in / 32] for 8
+    # rows: uint8 [out, in / 2] for 4 bits, [out, in] for 8; panels: [out / 8, in / 32, 128 or 256]
+    data: torch.Tensor
+    # rows: float16 [out, 2, in / 32] (each row's scales, then its mins) for 4 bits, [out, in / 32] for 8;
+    # panels: [out / 8, in / 32, 16 or 8]
     scales: torch.Tensor
     exact: bool  # every weight was on its block's grid: nothing was lost
+
+    @property
+    def in_panels(self) -> bool:
+        return self.data.dim() == 3
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """`[out, in]`."""
+        if self.in_panels:
+            return self.data.shape[0] * PANEL, self.data.shape[1] * BLOCK
+        return self.data.shape[0], self.data.shape[1] * (2 if self.bits == 4 else 1)
 
 
 # Rows quantized at a time: the float temporaries of a whole output layer (49152 x 576) would add ~0.5 GB to the
@@ -148,6 +163,13 @@ def _quantize_rows(weight: torch.Tensor, bits: int) -> Blocks:
     return Blocks(bits, data.contiguous(), scales.contiguous(), exact)
 
 
+def multiplied_in_panels(bits: int, out_features: int) -> bool:
+    """Whether a layer's blocks are multiplied in panels of 8 output columns here (see quantized.cpp), which only a
+    layer of a multiple of 8 outputs fills: 4-bit ones everywhere, 8-bit ones where the CPU has AVX-512 VNNI (the
+    only kernel for them)."""
+    return out_features % PANEL == 0 and (bits == 4 or bool(torch.ops.chipi.q8_panels_supported()))
+
+
 class BlockLinear(torch.nn.Module):
     """A float32 Linear layer whose weights are kept in blocks of 4 or 8 bits and multiplied by Chipi's kernels.
 
@@ -162,25 +184,28 @@ class BlockLinear(torch.nn.Module):
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None = None, activation_bits: int = 16) -> None:
         super().__init__()
         self.bits = blocks.bits
-        self.out_features = blocks.data.shape[0]
-        self.in_features = blocks.data.shape[1] * (2 if blocks.bits == 4 else 1)
+        self.out_features, self.in_features = blocks.shape
         data, scales = blocks.data, blocks.scales
-        # Blocks in panels of 8 output columns (see quantized.cpp), which only a layer of a multiple of 8 outputs
-        # fills: 4-bit ones everywhere, 8-bit ones where the CPU has AVX-512 VNNI (the only kernel for them)
-        self.panels = self.out_features % 8 == 0 and (self.bits == 4 or torch.ops.chipi.q8_panels_supported())
+        self.panels = multiplied_in_panels(self.bits, self.out_features)  # blocks in the other layout: a copy
         self.activation_bits = activation_bits if self.panels and self.bits == 4 else 16
-        if self.panels:
-            data, scales = self._panels_op("to")(data, scales)
+        if self.panels != blocks.in_panels:
+            data, scales = self._panels_op("to" if self.panels else "from")(data, scales)
         self.data: torch.Tensor
         self.scales: torch.Tensor
         self.register_buffer("data", data)
         self.register_buffer("scales", scales)
         self.bias = bias
 
-    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The blocks' data and scales as `quantize_blocks` lays them out (what a converted model's file stores)."""
-        if self.panels:
-            return self._panels_op("from")(self.data, self.scales)  # type: ignore[no-any-return]
+    def blocks(self) -> Blocks:
+        """The blocks as `quantize_blocks` lays them out, in rows."""
+        data, scales = self._panels_op("from")(self.data, self.scales) if self.panels else (self.data, self.scales)
+        return Blocks(self.bits, data, scales, exact=True)
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' data and scales as a converted model's file keeps them: in panels wherever a layer's outputs
+        fill them (whatever this CPU multiplies them in), so that a layer loads them without a copy."""
+        if self.out_features % PANEL == 0 and not self.panels:
+            return self._panels_op("to")(self.data, self.scales)  # type: ignore[no-any-return]
         return self.data, self.scales
 
     def _panels_op(self, direction: str) -> Any:
