@@ -46,8 +46,8 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(
     layer = BlockLinear(blocks)
     assert layer.panels == (out_features % 8 == 0 and (bits == 4 or torch.ops.chipi.q8_panels_supported()))
     assert torch.equal(layer.dequantized(), weight)
-    in_rows = layer.blocks()  # back in rows, whatever the layer's layout
-    assert torch.equal(in_rows.data, blocks.data) and torch.equal(in_rows.scales, blocks.scales)
+    data, scales = layer.blocks()  # back in rows, whatever the layer's layout
+    assert torch.equal(data, blocks.data) and torch.equal(scales, blocks.scales)
     from_file = BlockLinear(Blocks(bits, *layer.stored(), exact=True))  # what a converted model's file gives back
     assert torch.equal(from_file.data, layer.data) and torch.equal(from_file.scales, layer.scales)
     x = torch.randn(rows, in_features)

@@ -186,9 +186,9 @@ class BlockLinear(torch.nn.Module):
         self.bits = blocks.bits
         self.out_features, self.in_features = blocks.shape
         data, scales = blocks.data, blocks.scales
-        self.panels = multiplied_in_panels(self.bits, self.out_features)  # blocks in the other layout: a copy
+        self.panels = multiplied_in_panels(self.bits, self.out_features)
         self.activation_bits = activation_bits if self.panels and self.bits == 4 else 16
-        if self.panels != blocks.in_panels:
+        if self.panels != blocks.in_panels:  # blocks that come in the other layout are rearranged (a copy)
             data, scales = self._panels_op("to" if self.panels else "from")(data, scales)
         self.data: torch.Tensor
         self.scales: torch.Tensor
@@ -196,10 +196,11 @@ class BlockLinear(torch.nn.Module):
         self.register_buffer("scales", scales)
         self.bias = bias
 
-    def blocks(self) -> Blocks:
-        """The blocks as `quantize_blocks` lays them out, in rows."""
-        data, scales = self._panels_op("from")(self.data, self.scales) if self.panels else (self.data, self.scales)
-        return Blocks(self.bits, data, scales, exact=True)
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' data and scales as `quantize_blocks` lays them out, in rows."""
+        if self.panels:
+            return self._panels_op("from")(self.data, self.scales)  # type: ignore[no-any-return]
+        return self.data, self.scales
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks' data and scales as a converted model's file keeps them: in panels wherever a layer's outputs

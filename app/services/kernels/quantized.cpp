@@ -204,7 +204,7 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
   }
 }
 
-// --- 4-bit weights in panels of 8 output columns (AVX2; two at a time with AVX-512 VNNI, below) --------------------
+// --- Blocks in panels of 8 output columns (4-bit ones on AVX2; two panels at a time with AVX-512 VNNI, below) -------
 //
 // The rows kernels (dot_rows, dot_rows_paired) pay a block's scaling (a conversion to float, a multiplication and a
 // multiply-add) and a horizontal sum per output column and row: several concurrent rows (a batch of replies) were
@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> to_panels(const at::Tensor& weights, const at
   return {out, out_scales};
 }
 
-// Panels -> the rows layout (what a converted model's file stores).
+// Panels -> the rows layout (quantize_blocks' layout, and the one 8-bit layers are multiplied in without VNNI).
 template <bool kQ4>
 std::tuple<at::Tensor, at::Tensor> from_panels(const at::Tensor& weights, const at::Tensor& scales) {
   TORCH_CHECK(weights.dim() == 3 && scales.dim() == 3 && weights.size(2) == panel_block_bytes(kQ4),
@@ -284,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor> from_panels(const at::Tensor& weights, const 
       const uint16_t* panel_scales = sp + (p * blocks + b) * panel_block_scales(kQ4);
       for (int64_t col = 0; col < kPanel; ++col) {
         const int64_t n = p * kPanel + col;
-        for (int64_t j = 0; j < kBlockBytes; ++j) op[(n * blocks + b) * kBlockBytes + j] = panel[32 * (j / 4) + 4 * col + j % 4];
+        uint8_t* block = op + (n * blocks + b) * kBlockBytes;
+        for (int64_t j = 0; j < kBlockBytes; ++j) block[j] = panel[32 * (j / 4) + 4 * col + j % 4];
         for (int64_t k = 0; k < kScales; ++k) osp[(n * kScales + k) * blocks + b] = panel_scales[k * kPanel + col];
       }
     }
