@@ -28,6 +28,9 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+// A block's bytes (q4: 16, q8: 32) and float16 values (q4: its scale and min, q8: its scale).
+constexpr int64_t bytes_per_block(bool q4) { return q4 ? kBlock / 2 : kBlock; }
+constexpr int64_t scales_per_block(bool q4) { return q4 ? 2 : 1; }
 // How many output rows ahead the block kernel asks for weights: the hardware prefetcher alone left a decode step's
 // 4-bit products at about 8 GB/s of the 20 that 2 threads stream. 8 rows (4.6 KB of the 8-bit output layer) read
 // that layer for one row 8% faster than 4 did on an AMD EPYC (Zen 3); 16 were slower.
@@ -141,9 +144,9 @@ inline void prefetch_row_ahead(const uint8_t* row, int64_t row_bytes, const uint
 template <bool kQ4, int R>
 void dot_rows(Rounded rows, int64_t K, const uint8_t* weights, const uint16_t* scales, float* out, int64_t N,
               int64_t n_begin, int64_t n_end, float* combined) {
-  constexpr int64_t kScales = kQ4 ? 2 : 1;
+  constexpr int64_t kScales = scales_per_block(kQ4);
   const int64_t blocks = K / kBlock;
-  const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
+  const int64_t block_bytes = bytes_per_block(kQ4);
   const int64_t row_bytes = blocks * block_bytes, scale_bytes = blocks * kScales * 2;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weights + n * row_bytes;
@@ -227,8 +230,8 @@ constexpr int64_t kPanel = 8;
 constexpr int64_t kPanelPrefetchBlocks = 16;
 
 // A panel's bytes per block (128 for q4, 256 for q8) and float16 values per block (q4: 8 scales, then 8 mins).
-constexpr int64_t panel_block_bytes(bool q4) { return kPanel * (q4 ? kBlock / 2 : kBlock); }
-constexpr int64_t panel_block_scales(bool q4) { return kPanel * (q4 ? 2 : 1); }
+constexpr int64_t panel_block_bytes(bool q4) { return kPanel * bytes_per_block(q4); }
+constexpr int64_t panel_block_scales(bool q4) { return kPanel * scales_per_block(q4); }
 
 // Rows layout (see the top of this file) -> panels, for N % 8 == 0 output columns. A block's byte j (of 16 or 32)
 // goes to byte 4 col + j % 4 of the panel's chunk j / 4: the q4 weights j and j + 16 stay paired in their byte.
@@ -236,7 +239,7 @@ template <bool kQ4>
 std::tuple<at::Tensor, at::Tensor> to_panels(const at::Tensor& weights, const at::Tensor& scales) {
   TORCH_CHECK(weights.dim() == 2 && scales.dim() == (kQ4 ? 3 : 2) && weights.size(0) % kPanel == 0,
               "chipi to_panels: blocks in rows, a multiple of 8 of them, expected");
-  constexpr int64_t kBlockBytes = kQ4 ? kBlock / 2 : kBlock, kScales = kQ4 ? 2 : 1;
+  constexpr int64_t kBlockBytes = bytes_per_block(kQ4), kScales = scales_per_block(kQ4);
   const int64_t N = weights.size(0), blocks = weights.size(1) / kBlockBytes, panels = N / kPanel;
   auto w = weights.contiguous();
   auto s = scales.contiguous();
@@ -268,7 +271,7 @@ template <bool kQ4>
 std::tuple<at::Tensor, at::Tensor> from_panels(const at::Tensor& weights, const at::Tensor& scales) {
   TORCH_CHECK(weights.dim() == 3 && scales.dim() == 3 && weights.size(2) == panel_block_bytes(kQ4),
               "chipi from_panels: blocks in panels expected");
-  constexpr int64_t kBlockBytes = kQ4 ? kBlock / 2 : kBlock, kScales = kQ4 ? 2 : 1;
+  constexpr int64_t kBlockBytes = bytes_per_block(kQ4), kScales = scales_per_block(kQ4);
   const int64_t panels = weights.size(0), blocks = weights.size(1), N = panels * kPanel;
   auto w = weights.contiguous();
   auto s = scales.contiguous();
@@ -569,9 +572,9 @@ CHIPI_AVX512 inline void store_sums(__m512 a, __m512 b, __m512 c, __m512 d, floa
 template <bool kQ4, int R>
 CHIPI_AVX512 void dot_rows_paired(const PairedRows& rows, const uint8_t* weights, const uint16_t* scales, float* out,
                                   int64_t N, int64_t n_begin, int64_t n_end, float* wide_scales) {
-  constexpr int64_t kScales = kQ4 ? 2 : 1;
+  constexpr int64_t kScales = scales_per_block(kQ4);
   const int64_t blocks = rows.blocks, pairs = rows.pairs;
-  const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
+  const int64_t block_bytes = bytes_per_block(kQ4);
   const int64_t row_bytes = blocks * block_bytes, scale_bytes = blocks * kScales * 2;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weights + n * row_bytes;
@@ -806,8 +809,8 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
 template <bool kQ4>
 void dequantize_rows(const uint8_t* weights, const uint16_t* scales, int64_t blocks, int64_t n_begin, int64_t n_end,
                      float* out) {
-  const int64_t block_bytes = kQ4 ? kBlock / 2 : kBlock;
-  const int64_t scales_per_row = kQ4 ? 2 * blocks : blocks;
+  const int64_t block_bytes = bytes_per_block(kQ4);
+  const int64_t scales_per_row = scales_per_block(kQ4) * blocks;
   for (int64_t n = n_begin; n < n_end; ++n)
     for (int64_t b = 0; b < blocks; ++b) {
       __m256i halves[2];
