@@ -100,6 +100,7 @@ class Settings:
     dtype: str
     quantize: str
     activation_bits: int  # 16, or 8: 4-bit layers' activations, rounded per block (CHIPI_ACTIVATION_BITS)
+    kv_cache_dtype: str  # float16 | float32: what Chipi's CPU forward keeps keys and values in (CHIPI_KV_CACHE_DTYPE)
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -167,6 +168,7 @@ class Settings:
             dtype=dtype,
             quantize=_env_quantize(dtype),
             activation_bits=int(_env_choice("CHIPI_ACTIVATION_BITS", "16", ("16", "8"))),
+            kv_cache_dtype=_env_choice("CHIPI_KV_CACHE_DTYPE", "float16", ("float16", "float32")),
             max_new_tokens=_env_int("CHIPI_MAX_NEW_TOKENS", 512, minimum=1),
             temperature=_env_float("CHIPI_TEMPERATURE", 0.2),
             top_p=_env_float("CHIPI_TOP_P", 0.9),

@@ -1,9 +1,9 @@
 """Answer quality per precision and quantization: greedy replies to a fixed prompt set, compared with float32's.
 
-    python -m bench.quality [--variants float32,auto,auto-a8,int8,int4,bfloat16,float16] [--max-tokens 128]
+    python -m bench.quality [--variants float32,auto,auto-kv32,auto-a8,int8,int4,bfloat16,float16] [--max-tokens 128]
 
 For each variant (a CHIPI_DTYPE, or a CHIPI_QUANTIZE of float32 weights: `auto`, `int8`, `int4`; `auto-a8` is `auto`
-with CHIPI_ACTIVATION_BITS=8) it loads the model,
+with CHIPI_ACTIVATION_BITS=8, `auto-kv32` `auto` with CHIPI_KV_CACHE_DTYPE=float32) it loads the model,
 answers every prompt greedily through the same engine the server uses, and prints, next to unquantized float32's
 answer: how many leading tokens agree, and how repetitive the answer is (the share of its 4-grams that are repeats; a
 degenerate loop like "1.1.1.1" scores near 1). The replies themselves go to `--out` (default artifacts/quality.md) so
@@ -23,18 +23,18 @@ from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams
 from app.services.model import ModelService
 from app.settings import Settings
 
-# Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE, CHIPI_ACTIVATION_BITS); the first is the
-# reference.
+# Each variant as the settings that give it (CHIPI_DTYPE, CHIPI_QUANTIZE, CHIPI_ACTIVATION_BITS,
+# CHIPI_KV_CACHE_DTYPE); the first is the reference, float32 throughout.
 VARIANTS = {
-    "float32": ("float32", "none", 16),
-    "auto": ("float32", "auto", 16),
-    "auto-a8": ("float32", "auto", 8),
-    "int8": ("float32", "int8", 16),
-    "int4": ("float32", "int4", 16),
-    "bfloat16": ("bfloat16", "none", 16),
-    "float16": ("float16", "none", 16),
+    "float32": ("float32", "none", 16, "float32"),
+    "auto": ("float32", "auto", 16, "float16"),
+    "auto-kv32": ("float32", "auto", 16, "float32"),
+    "auto-a8": ("float32", "auto", 8, "float16"),
+    "int8": ("float32", "int8", 16, "float16"),
+    "int4": ("float32", "int4", 16, "float16"),
+    "bfloat16": ("bfloat16", "none", 16, "float16"),
+    "float16": ("float16", "none", 16, "float16"),
 }
-
 PROMPTS = [
     "Give me three tips for sleeping better.",
     "What is the capital of France, and what is it famous for?",
@@ -95,9 +95,14 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     results = {}
     for name in variants:
-        dtype, quantize, activation_bits = VARIANTS[name]
+        dtype, quantize, activation_bits, kv_cache_dtype = VARIANTS[name]
         variant = dataclasses.replace(
-            settings, dtype=dtype, quantize=quantize, activation_bits=activation_bits, prefix_cache_mb=0
+            settings,
+            dtype=dtype,
+            quantize=quantize,
+            activation_bits=activation_bits,
+            kv_cache_dtype=kv_cache_dtype,
+            prefix_cache_mb=0,
         )
         results[name] = asyncio.run(answers(variant, args.max_tokens))
     reference = results["float32"]

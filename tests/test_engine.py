@@ -311,23 +311,63 @@ async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_gene
     assert got.text.startswith(decode(service, generate_ids(service, asked, EXACT_PREFIX_TOKENS)))
 
 
+async def test_float16_keys_and_values_take_half_the_memory_for_the_same_reply(service: ModelService) -> None:
+    """CHIPI_KV_CACHE_DTYPE: the default float16 keeps a reply's keys and values in half float32's bytes (so the
+    prefix cache holds twice the conversation), and the greedy reply is the one a float32 cache gives."""
+    model = service.model
+    if not isinstance(model, LlamaForward) or not kernels.available():
+        pytest.skip("float16 keys and values are kept where Chipi's kernels attend")
+    the_prompt = prompt(service, QUESTIONS[3])
+    replies: dict[str, str] = {}
+    cached_bytes: dict[str, int] = {}
+    try:
+        for setting in ("float32", "float16"):
+            model.keep_keys_values_in(setting)
+            with_cache = ModelService(
+                model,
+                service.tokenizer,
+                name=service.name,
+                context_window=service.context_window,
+                prefix_cache_bytes=2**30,
+            )
+            try:
+                replies[setting] = (await reply(with_cache, the_prompt)).text
+            finally:
+                with_cache.close()  # the engine stores a finished reply's keys and values just after its last token
+            assert with_cache._engine._prefix_cache is not None
+            cached_bytes[setting] = with_cache._engine._prefix_cache.size_bytes
+    finally:
+        model.keep_keys_values_in(Settings.from_env().kv_cache_dtype)
+    assert replies["float16"] == replies["float32"]
+    assert cached_bytes["float16"] * 2 == cached_bytes["float32"] > 0
+
+
 @pytest.mark.parametrize(
-    ("dtype", "quantize", "activation_bits"),
+    ("dtype", "quantize", "activation_bits", "kv_cache_dtype"),
     [
-        ("auto", "auto", 16),
-        ("auto", "auto", 8),
-        ("float32", "none", 16),
-        ("float16", "none", 16),
-        ("float32", "int8", 16),
-        ("float32", "int4", 16),
+        ("auto", "auto", 16, "float16"),
+        ("auto", "auto", 16, "float32"),
+        ("auto", "auto", 8, "float16"),
+        ("float32", "none", 16, "float16"),
+        ("float16", "none", 16, "float16"),
+        ("float32", "int8", 16, "float16"),
+        ("float32", "int4", 16, "float32"),
     ],
 )
-async def test_every_precision_answers_a_plain_question(dtype: str, quantize: str, activation_bits: int) -> None:
-    """Each CHIPI_DTYPE / CHIPI_QUANTIZE / CHIPI_ACTIVATION_BITS the README documents loads and answers on the CPU."""
+async def test_every_precision_answers_a_plain_question(
+    dtype: str, quantize: str, activation_bits: int, kv_cache_dtype: str
+) -> None:
+    """Each CHIPI_DTYPE / CHIPI_QUANTIZE / CHIPI_ACTIVATION_BITS / CHIPI_KV_CACHE_DTYPE the README documents loads and
+    answers on the CPU."""
     if (quantize in ("int8", "int4") or activation_bits == 8) and not kernels.available():
         pytest.skip(f"CHIPI_QUANTIZE={quantize} needs Chipi's CPU kernels: {kernels.unavailable_reason()}")
     settings = replace(
-        Settings.from_env(), dtype=dtype, quantize=quantize, activation_bits=activation_bits, prefix_cache_mb=0
+        Settings.from_env(),
+        dtype=dtype,
+        quantize=quantize,
+        activation_bits=activation_bits,
+        kv_cache_dtype=kv_cache_dtype,
+        prefix_cache_mb=0,
     )
     model = ModelService.load(settings)
     try:
@@ -376,9 +416,10 @@ def test_the_served_model_answers_like_plain_transformers(quantize: str) -> None
         service.close()
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_a_decode_step_in_one_kernel_call_is_the_step_layer_by_layer(
-    service: ModelService, monkeypatch: pytest.MonkeyPatch, padded: bool
+    service: ModelService, monkeypatch: pytest.MonkeyPatch, padded: bool, cache_dtype: torch.dtype
 ) -> None:
     """A decode step of a model in blocks runs all its layers in one call of Chipi's kernels (decode_layers). Over a
     few steps of two rows (one left-padded, or both the same length) it gives the logits of the same forward run
@@ -412,7 +453,7 @@ def test_a_decode_step_in_one_kernel_call_is_the_step_layer_by_layer(
         start_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
 
         def steps() -> torch.Tensor:
-            cache, mask = spare_room_cache([(k.clone(), v.clone()) for k, v in key_values]), start_mask
+            cache, mask = spare_room_cache(key_values, cache_dtype), start_mask
             tokens, logits = torch.tensor([[ids[-1]] for ids in prompts]), []
             for step in range(6):
                 mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)

@@ -117,17 +117,19 @@ def test_weights_off_the_grid_are_not_called_exact() -> None:
     assert quantize_blocks(on_grid(64, 64, 4), 4, only_exact=True) is not None
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_attention_is_scaled_dot_product_attention(padded: bool) -> None:
+def test_decode_attention_is_scaled_dot_product_attention(padded: bool, cache_dtype: torch.dtype) -> None:
+    """Over a float32 or a float16 cache (CHIPI_KV_CACHE_DTYPE), read as the float32 values it holds."""
     rows, heads, kv_heads, length, head_dim = 3, 9, 3, 75, 64
     query = torch.randn(rows, heads + kv_heads, 1, head_dim)[:, :heads]  # a view, as in the model
-    room = torch.randn(rows, kv_heads, length + 16, head_dim)
+    room = torch.randn(rows, kv_heads, length + 16, head_dim, dtype=cache_dtype)
     keys, values = room[:, :, :length], torch.randn_like(room)[:, :, :length]
     mask = torch.ones(rows, length, dtype=torch.long)
     if padded:
         mask[1, :20], mask[2, :1] = 0, 0
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask.bool()[:, None, None, :], enable_gqa=True
+        query, keys.float(), values.float(), attn_mask=mask.bool()[:, None, None, :], enable_gqa=True
     )
     got = torch.ops.chipi.decode_attention(query, keys, values, mask if padded else None, head_dim**-0.5)
     assert torch.allclose(got, expected.transpose(1, 2).reshape(rows, 1, -1), atol=1e-5)

@@ -45,7 +45,7 @@ from transformers.generation.logits_process import (
 
 from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache
 from app.services.llama_forward import LlamaForward
-from app.services.prefix_cache import PrefixCache
+from app.services.prefix_cache import PrefixCache, PrefixHit
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +309,7 @@ class DecodeEngine:
         try:
             hit = self._prefix_cache.lookup(request.prompt_ids) if self._prefix_cache is not None else None
             known = hit.length if hit is not None else 0
-            # A hit is copied once, into a cache with room to append the rest of the prompt in place.
-            cache = spare_room_cache(hit.key_values) if hit is not None else DynamicCache()
+            cache = self._prompt_cache(hit)
             device = self._model.device
             logits = self._logits(
                 input_ids=torch.tensor([request.prompt_ids[known:]], device=device),
@@ -326,6 +325,14 @@ class DecodeEngine:
         except Exception as exc:
             logger.exception("prefill failed")
             self._fail([request], exc)
+
+    def _prompt_cache(self, hit: PrefixHit | None) -> Cache:
+        """Where a prompt's keys and values go: a copy of a prefix cache hit (made once, with room to append the rest
+        of the prompt in place), or an empty cache. Chipi's forward keeps them in its cache dtype
+        (LlamaForward.keep_keys_values_in); transformers' own forward concatenates them in the model's dtype."""
+        if isinstance(self._model, LlamaForward):
+            return spare_room_cache(hit.key_values, self._model.cache_dtype) if hit else self._model.new_cache()
+        return spare_room_cache(hit.key_values) if hit else DynamicCache()
 
     def _drop_cancelled(self) -> None:
         keep = [not row.cancelled.is_set() for row in self._batch.rows]

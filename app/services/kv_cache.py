@@ -21,13 +21,14 @@ class SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     `values` are views of larger buffers and a step writes one column in place; a full buffer moves into a larger one.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Holds a copy of `keys` and `values`, in `dtype` if given (what every later token is stored in too)."""
         super().__init__()  # type: ignore[no-untyped-call]
         self.device = keys.device
         self.is_initialized = True
         self.length = keys.shape[2]
-        self._key_room = self._room_for(keys)
-        self._value_room = self._room_for(values)
+        self._key_room = self._room_for(keys, dtype=dtype)
+        self._value_room = self._room_for(values, dtype=dtype)
         self._expose()
 
     def update(
@@ -59,13 +60,13 @@ class SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.values = self._value_room[:, :, : self.length]
 
     @staticmethod
-    def _room_for(filled: torch.Tensor, needed: int = 0) -> torch.Tensor:
+    def _room_for(filled: torch.Tensor, needed: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
         rows, heads, length, head_dim = filled.shape
-        room = filled.new_empty(rows, heads, max(length, needed) + SPARE_COLUMNS, head_dim)
+        room = filled.new_empty(rows, heads, max(length, needed) + SPARE_COLUMNS, head_dim, dtype=dtype)
         room[:, :, :length] = filled
         return room
 
 
-def spare_room_cache(key_values: KeyValues) -> Cache:
-    """A cache holding a copy of `key_values`, with room for more tokens after them."""
-    return Cache(layers=[SpareRoomLayer(keys, values) for keys, values in key_values])
+def spare_room_cache(key_values: KeyValues, dtype: torch.dtype | None = None) -> Cache:
+    """A cache holding a copy of `key_values` (in `dtype` if given), with room for more tokens after them."""
+    return Cache(layers=[SpareRoomLayer(keys, values, dtype) for keys, values in key_values])

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
+from transformers.cache_utils import Cache
 
 from app.services import kernels
 from app.services.cpu_layers import FLOAT32_ROWS, BlockLinear, LayerMaker
-from app.services.kv_cache import SpareRoomLayer
+from app.services.kv_cache import SpareRoomLayer, spare_room_cache
 
 # Model types whose decoder layers are exactly transformers' LlamaDecoderLayer arithmetic (RMSNorm, rotary
 # embeddings on full heads, grouped-query attention, SiLU-gated MLP).
@@ -131,6 +132,7 @@ class LlamaForward(nn.Module):
         # step's attention into one operation each.
         self._fused = kernels.available()
         self._step = _decode_step_tensors(layers) if self._fused else None
+        self.cache_dtype = self.dtype  # what new caches keep keys and values in (keep_keys_values_in)
 
     @classmethod
     def from_transformers(cls, model: Any, make: LayerMaker) -> LlamaForward:
@@ -154,6 +156,17 @@ class LlamaForward(nn.Module):
             inv_freq=decoder.rotary_emb.inv_freq.float().clone(),
             rotary_scaling=float(decoder.rotary_emb.attention_scaling),
         )
+
+    def keep_keys_values_in(self, setting: str) -> None:
+        """CHIPI_KV_CACHE_DTYPE. `float16` halves the bytes of the keys and values, which a decode step's attention
+        reads in full (in a long conversation, more than the weights) and the prefix cache keeps; where Chipi's
+        kernels attend, which read float16 directly. Elsewhere the cache keeps the model's dtype."""
+        self.cache_dtype = torch.float16 if setting == "float16" and self._fused else self.dtype
+
+    def new_cache(self) -> Cache:
+        """An empty cache for one row, in `cache_dtype`, with room to write a prompt's keys and values into."""
+        empty = self.norm.new_empty(1, self.kv_heads, 0, self.head_dim, dtype=self.cache_dtype)
+        return spare_room_cache([(empty, empty)] * len(self.decoder_layers))
 
     @property
     def device(self) -> torch.device:
@@ -256,6 +269,8 @@ class LlamaForward(nn.Module):
             return torch.ops.chipi.decode_attention(  # type: ignore[no-any-return]
                 query, keys, values, padding, self.head_dim**-0.5
             )
+        if keys.dtype != query.dtype:  # a float16 cache (keep_keys_values_in), read by float32 products
+            keys, values = keys.to(query.dtype), values.to(query.dtype)
         if mask is not None or tokens == 1:  # without a mask, one token sees every column
             attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
         else:

@@ -115,6 +115,10 @@ class ModelService:
         self.tokenizer = tokenizer
         self.name = name
         self.context_window = context_window
+        # True for models that think in <think>...</think> (their tokenizer has both tags). Looked up here, as the
+        # model loads: building the vocabulary takes tens of milliseconds, and every model title asks (on the loop).
+        vocabulary = tokenizer.get_vocab()
+        self.splits_reasoning = OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -134,6 +138,8 @@ class ModelService:
         # Loading runs parallel PyTorch work; in a thread that then ends, so this caller's thread keeps no OpenMP team
         # that would slow the decode engine's (see app/services/own_thread.py).
         model = call_in_own_thread(_load_weights, source, settings, device_map)
+        if isinstance(model, LlamaForward):
+            model.keep_keys_values_in(settings.kv_cache_dtype)
         context_window = settings.context_window or int(getattr(model.config, "max_position_embeddings", 2048))
         logger.info(
             "loaded model %s on %s (%s, quantization %s) in %.1fs",
@@ -154,12 +160,6 @@ class ModelService:
     @property
     def device(self) -> str:
         return str(self.model.device)
-
-    @property
-    def splits_reasoning(self) -> bool:
-        """True for models that think in <think>...</think> (their tokenizer has both tags)."""
-        vocabulary = self.tokenizer.get_vocab()
-        return OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary
 
     def close(self) -> None:
         self._engine.close()

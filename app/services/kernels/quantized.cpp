@@ -959,47 +959,37 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
 }
 
+// 8 consecutive elements of the cache's keys or values as floats: it holds float32, or float16 (half the bytes that
+// a decode step's attention reads; CHIPI_KV_CACHE_DTYPE).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // out[0 .. 8 kVectors) = inverse times the sum over keys j of weights[j] times value row j (row stride `stride`);
 // keys whose weight is 0 (padding) are skipped. The count is fixed at compile time so that the sums stay in registers.
-template <int kVectors>
-inline void weighted_values(const float* weights, int64_t L, const float* value, int64_t stride, __m256 inverse,
+template <int kVectors, typename T>
+inline void weighted_values(const float* weights, int64_t L, const T* value, int64_t stride, __m256 inverse,
                             float* out) {
   __m256 sums[kVectors];
   for (int t = 0; t < kVectors; ++t) sums[t] = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
     if (weights[j] == 0.0f) continue;
     const __m256 w = _mm256_set1_ps(weights[j]);
-    const float* row = value + j * stride;
-    for (int t = 0; t < kVectors; ++t) sums[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * t), sums[t]);
+    const T* row = value + j * stride;
+    for (int t = 0; t < kVectors; ++t) sums[t] = _mm256_fmadd_ps(w, load8(row + 8 * t), sums[t]);
   }
   for (int t = 0; t < kVectors; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_mul_ps(sums[t], inverse));
 }
 
-// Attention of one new token per row (a decode step): query [R, H, 1, D], keys and values [R, KV, L, D] (views of
-// the cache; H a multiple of KV, grouped-query attention), mask [R, L] (1: a real token, 0: padding) or none.
-// Returns [R, 1, H * D], the heads side by side, ready for the output projection. Same as PyTorch's
-// scaled_dot_product_attention there, without its fixed cost per call (most of the call at short lengths).
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                            const std::optional<at::Tensor>& mask, double scale) {
+// decode_attention's work for keys and values of element type T (float, or at::Half), into out [R, 1, H * D].
+template <typename T>
+void attend_one_token(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const int64_t* mp,
+                      double scale, at::Tensor& out) {
   const int64_t R = query.size(0), H = query.size(1), D = query.size(3);
   const int64_t KV = keys.size(1), L = keys.size(2);
-  TORCH_CHECK(query.size(2) == 1 && H % KV == 0 && D % 16 == 0, "chipi decode_attention: unsupported shapes");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
-                  values.scalar_type() == at::kFloat,
-              "chipi decode_attention: float32 expected");
-  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
-              "chipi decode_attention: the last dimension must be contiguous");
-  std::optional<at::Tensor> mask_rows;
-  if (mask) {
-    mask_rows = mask->to(at::kLong).contiguous();
-    TORCH_CHECK(mask_rows->size(0) == R && mask_rows->size(1) == L, "chipi decode_attention: mask shape");
-  }
-  const int64_t* mp = mask_rows ? mask_rows->data_ptr<int64_t>() : nullptr;
   const int64_t group = H / KV;
-  auto out = at::empty({R, 1, H * D}, query.options());
   const float* qp = query.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
+  const T* kp = keys.data_ptr<T>();
+  const T* vp = values.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
   at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
@@ -1007,24 +997,24 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / H, h = i % H, g = h / group;
       const float* q = qp + r * query.stride(0) + h * query.stride(1);
-      const float* k = kp + r * keys.stride(0) + g * keys.stride(1);
-      const float* v = vp + r * values.stride(0) + g * values.stride(1);
+      const T* k = kp + r * keys.stride(0) + g * keys.stride(1);
+      const T* v = vp + r * values.stride(0) + g * values.stride(1);
       const int64_t key_stride = keys.stride(2);
       int64_t j = 0;
       for (; j + 8 <= L; j += 8) {  // 8 keys at a time: 8 independent sums, reduced together
-        const float* key = k + j * key_stride;
+        const T* key = k + j * key_stride;
         __m256 sums[8];
         for (int t = 0; t < 8; ++t) sums[t] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
           const __m256 qd = _mm256_loadu_ps(q + d);
-          for (int t = 0; t < 8; ++t) sums[t] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(key + t * key_stride + d), sums[t]);
+          for (int t = 0; t < 8; ++t) sums[t] = _mm256_fmadd_ps(qd, load8(key + t * key_stride + d), sums[t]);
         }
         _mm256_storeu_ps(weights.data() + j, _mm256_mul_ps(sum_each(sums), _mm256_set1_ps(softmax_scale)));
       }
       for (; j < L; ++j) {
-        const float* key = k + j * key_stride;
+        const T* key = k + j * key_stride;
         __m256 sum = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), sum);
+        for (int64_t d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(key + d), sum);
         weights[j] = horizontal_sum(sum) * softmax_scale;
       }
       if (mp != nullptr)
@@ -1051,7 +1041,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
       const int64_t value_stride = values.stride(2);
       for (int64_t d0 = 0; d0 < D; d0 += 64) {
         float* o_chunk = op + r * H * D + h * D + d0;
-        const float* v_chunk = v + d0;
+        const T* v_chunk = v + d0;
         switch (std::min<int64_t>(8, (D - d0) / 8)) {
           case 8: weighted_values<8>(weights.data(), L, v_chunk, value_stride, inverse, o_chunk); break;
           case 6: weighted_values<6>(weights.data(), L, v_chunk, value_stride, inverse, o_chunk); break;
@@ -1062,6 +1052,34 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
       }
     }
   });
+}
+
+// Attention of one new token per row (a decode step): query [R, H, 1, D], keys and values [R, KV, L, D] (views of
+// the cache, float32 or float16; H a multiple of KV, grouped-query attention), mask [R, L] (1: a real token, 0:
+// padding) or none. Returns [R, 1, H * D] float32, the heads side by side, ready for the output projection. Same as
+// PyTorch's scaled_dot_product_attention there, without its fixed cost per call (most of the call at short lengths).
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  const int64_t R = query.size(0), H = query.size(1), D = query.size(3);
+  const int64_t KV = keys.size(1), L = keys.size(2);
+  TORCH_CHECK(query.size(2) == 1 && H % KV == 0 && D % 16 == 0, "chipi decode_attention: unsupported shapes");
+  const auto cached = keys.scalar_type();
+  TORCH_CHECK(query.scalar_type() == at::kFloat && (cached == at::kFloat || cached == at::kHalf) &&
+                  values.scalar_type() == cached,
+              "chipi decode_attention: a float32 query over float32 or float16 keys and values expected");
+  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
+              "chipi decode_attention: the last dimension must be contiguous");
+  std::optional<at::Tensor> mask_rows;
+  if (mask) {
+    mask_rows = mask->to(at::kLong).contiguous();
+    TORCH_CHECK(mask_rows->size(0) == R && mask_rows->size(1) == L, "chipi decode_attention: mask shape");
+  }
+  const int64_t* mp = mask_rows ? mask_rows->data_ptr<int64_t>() : nullptr;
+  auto out = at::empty({R, 1, H * D}, query.options());
+  if (cached == at::kHalf)
+    attend_one_token<at::Half>(query, keys, values, mp, scale, out);
+  else
+    attend_one_token<float>(query, keys, values, mp, scale, out);
   return out;
 }
 
