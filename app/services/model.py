@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 from app.domain.errors import ModelUnavailableError
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt, TextDelta
@@ -70,6 +71,8 @@ def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
     converted = ConvertedModel.for_settings(source, settings, dtype)
     if converted is not None and (forward := converted.load()) is not None:
         return forward
+    from transformers import AutoModelForCausalLM  # here: a converted model's start does without its imports
+
     model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
     model.eval()
     if model.device.type == "cpu":
@@ -86,10 +89,25 @@ def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
     return model
 
 
+# Tokenizer classes that are transformers' own tokenizers-backed one, whatever the model (the default model's
+# tokenizer_config.json names it): loaded as that class, without AutoTokenizer.
+GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
 def _load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer. AutoTokenizer reads the model's config only for its type and tokenizer class;
-    given it as a plain PreTrainedConfig, it does not import the model's own config class (Llama's pulls in
-    torch.distributed: about a second of a start that then loads a converted model)."""
+    """The checkpoint's tokenizer. One whose local tokenizer_config.json names the generic class is loaded as that
+    class: AutoTokenizer would build the same object, after importing its registry of every model's tokenizer and
+    config (half a second of a start on the AMD EPYC). Otherwise AutoTokenizer, which reads the model's config only
+    for its type and tokenizer class; given it as a plain PreTrainedConfig, it does not import the model's own config
+    class (Llama's pulls in torch.distributed: about a second of a start)."""
+    tokenizer_config = Path(source, "tokenizer_config.json")
+    named = json.loads(tokenizer_config.read_text()).get("tokenizer_class") if tokenizer_config.is_file() else None
+    if named in GENERIC_TOKENIZER_CLASSES:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(source)  # type: ignore[no-any-return]
+    from transformers import AutoTokenizer
+
     config, _ = PreTrainedConfig.get_config_dict(source)
     return AutoTokenizer.from_pretrained(source, config=PreTrainedConfig.from_dict(config))
 
