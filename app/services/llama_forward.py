@@ -9,7 +9,9 @@ took as long as the products. This forward computes the same function with a thi
   that rotary embeddings are one complex multiplication (attention scores are unchanged: queries and keys are
   reordered alike, and the values not at all). Cached keys are in that order, which only this forward reads;
 - attention is PyTorch's fused scaled-dot-product attention over the grouped key/value heads, with a mask only
-  where one is needed (padding or a causal prompt).
+  where one is needed (padding or a causal prompt);
+- keys and values may be kept in float16 (keep_keys_values_in, CHIPI_KV_CACHE_DTYPE): a decode step's attention
+  (Chipi's kernel) reads them as they are, a prompt's reads them converted to float32.
 
 It takes what the decode engine gives transformers' forward (token ids, the attention mask over the cache's columns,
 position ids, a transformers Cache whose layers' `update` appends keys and values) and returns the logits of each
