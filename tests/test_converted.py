@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from app.domain.generation import ChatTurn
 from app.services import kernels
-from app.services import model as model_module
 from app.services.model import ModelService
 from app.settings import Settings
 from tests.model_helpers import last_logits
@@ -59,7 +59,7 @@ def test_a_converted_model_starts_from_its_file_and_answers_the_same(
         raise AssertionError("the checkpoint was read although a converted file was there")
 
     with monkeypatch.context() as patch:
-        patch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", no_checkpoint)
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", no_checkpoint)
         assert load_and_read(settings) == built  # the same layers and the very same logits
 
     # A changed checkpoint makes the file stale: the next start converts again and rewrites it.
