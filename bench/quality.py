@@ -35,6 +35,7 @@ VARIANTS = {
     "bfloat16": ("bfloat16", "none", 16, "float16"),
     "float16": ("float16", "none", 16, "float16"),
 }
+
 PROMPTS = [
     "Give me three tips for sleeping better.",
     "What is the capital of France, and what is it famous for?",
