@@ -71,7 +71,7 @@ async def answer(model: ModelService, text: str, max_tokens: int) -> tuple[str, 
             reply += output.text
         elif isinstance(output, GenerationFinished):
             break
-    return reply, model.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    return reply, model.tokenizer.encode(reply)
 
 
 async def answers(settings: Settings, max_tokens: int) -> list[tuple[str, list[int]]]:

@@ -100,8 +100,7 @@ def generate_ids(service: ModelService, prompt: Prompt, max_new_tokens: int) -> 
 
 
 def decode(service: ModelService, ids: list[int]) -> str:
-    text = service.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return str(text).rstrip("\ufffd")
+    return service.tokenizer.decode(ids).rstrip("\ufffd")
 
 
 async def reply(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
 from app.services.model import _IncrementalDecoder
+from app.services.tokenizer import load_tokenizer
 from app.settings import DEFAULT_MODEL_DIR
 
 
@@ -19,11 +19,11 @@ from app.settings import DEFAULT_MODEL_DIR
     ],
 )
 def test_deltas_concatenate_to_the_decoded_text(text: str) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    ids = tokenizer.encode(text)
     decoder = _IncrementalDecoder(tokenizer)  # fed only the reply's ids: the prompt is never part of it
     deltas = [decoder.feed([token]) for token in ids]
-    deltas.append(decoder.feed([tokenizer.convert_tokens_to_ids("<|im_end|>")]))  # a special token adds no text
+    deltas.append(decoder.feed([tokenizer.vocabulary()["<|im_end|>"]]))  # a special token adds no text
     deltas = [delta for delta in deltas if delta]  # "" means no new text yet: the stream sends nothing then
     assert "".join(deltas) == text
     assert all(deltas) and "\ufffd" not in "".join(deltas)

@@ -17,13 +17,15 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import GenerationConfig, PreTrainedConfig
 
 from app.services import kernels
 from app.services.cpu_layers import BlockLinear, Blocks
@@ -88,8 +90,7 @@ class ConvertedModel:
             "fingerprint": self.fingerprint,
             "bits": json.dumps(bits),
             "rotary_scaling": repr(forward.rotary_scaling),
-            # The model's config as its class resolved it (defaults included), read back as a plain PreTrainedConfig:
-            # Llama's own config class imports torch.distributed, about a second of a start.
+            # The model's config as its class resolved it (defaults included): read back without transformers.
             "config": forward.config.to_json_string(use_diff=False),
         }
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
@@ -140,14 +141,27 @@ def _tensors_of(forward: LlamaForward) -> tuple[dict[str, torch.Tensor] | None, 
     return {name: tensor.contiguous() for name, tensor in tensors.items()}, bits
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What serving reads of a model's generation config (transformers' GenerationConfig): its generation_config.json,
+    or without one the model's config, which older checkpoints kept these in."""
+
+    eos_token_id: int | list[int] | None
+    top_k: int | None
+    repetition_penalty: float | None
+
+    @classmethod
+    def read(cls, folder: Path, config: Any) -> GenerationDefaults:
+        path = folder / "generation_config.json"
+        values = json.loads(path.read_text()) if path.is_file() else vars(config)
+        return cls(values.get("eos_token_id"), values.get("top_k"), values.get("repetition_penalty"))
+
+
 def _forward_from(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], folder: Path, activation_bits: int
 ) -> LlamaForward:
-    config = PreTrainedConfig.from_dict(json.loads(metadata["config"]))
-    try:
-        generation_config = GenerationConfig.from_pretrained(folder)
-    except OSError:  # no generation_config.json: what transformers derives from the model's config
-        generation_config = GenerationConfig.from_model_config(config)
+    config = SimpleNamespace(**json.loads(metadata["config"]))
+    generation_config = GenerationDefaults.read(folder, config)
     bits = json.loads(metadata["bits"])
 
     def block(name: str) -> BlockLinear:

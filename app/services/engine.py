@@ -29,29 +29,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache
+from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache, transformers_cache
 from app.services.llama_forward import LlamaForward
 from app.services.prefix_cache import PrefixCache, PrefixHit
+from app.services.sampling import GENERATE_DEFAULT_TOP_K, Sampler
 
 logger = logging.getLogger(__name__)
-
-# `generate` falls back to top_k=50 when sampling and neither the user nor the model's generation config chose one;
-# sampling here follows it so that a sampled reply comes from the same distribution as before.
-_GENERATE_DEFAULT_TOP_K = 50
 
 
 @dataclass(frozen=True)
@@ -65,54 +54,15 @@ class Finished:
 # What the engine hands a request's sink, in order: token ids, then one Finished, or an exception if the model failed.
 EngineEvent = int | Finished | BaseException
 Sink = Callable[[EngineEvent], None]
-
-
-class _Sampler:
-    """Picks one row's next token with that request's settings (temperature 0 is greedy)."""
-
-    def __init__(
-        self,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        repetition_penalty: float | None,
-        generator: torch.Generator | None,
-    ) -> None:
-        self.generator = generator  # a seeded request draws from its own generator, others from torch's global one
-        self.processors = LogitsProcessorList()
-        if repetition_penalty is not None and repetition_penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        self.greedy = temperature <= 0
-        if not self.greedy:  # the order `generate` applies them in
-            if temperature != 1.0:
-                self.processors.append(TemperatureLogitsWarper(temperature))
-            if top_k > 0:
-                self.processors.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                self.processors.append(TopPLogitsWarper(max(top_p, 0.0)))
-
-    @property
-    def plain_argmax(self) -> bool:
-        """True when the next token is just the highest logit, so a whole batch can share one argmax."""
-        return self.greedy and not self.processors
-
-    def next_token(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> int:
-        """`logits` is this row's `[vocab]` scores; `seen_ids` the prompt and the reply so far."""
-        scores = logits.unsqueeze(0).float()
-        if self.processors:
-            seen = cast(torch.LongTensor, torch.tensor([seen_ids], device=logits.device))
-            scores = self.processors(seen, scores)
-        if self.greedy:
-            return int(scores.argmax(dim=-1).item())
-        probabilities = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probabilities, num_samples=1, generator=self.generator).item())
+# A cache holding a copy of some keys and values, with room for more: the kind the model's forward appends to.
+RoomCacheMaker = Callable[[KeyValues], Any]
 
 
 @dataclass(eq=False)
 class _Request:
     prompt_ids: list[int]
     max_new_tokens: int
-    sampler: _Sampler
+    sampler: Sampler
     cancelled: threading.Event
     sink: Sink
     generated: list[int] = field(default_factory=list)
@@ -134,9 +84,10 @@ class _Request:
 class _Batch:
     """The running rows and their shared, left-padded KV cache and attention mask."""
 
-    def __init__(self) -> None:
+    def __init__(self, room_cache: RoomCacheMaker) -> None:
         self.rows: list[_Request] = []
-        self.cache: Cache | None = None
+        self.cache: Any = None  # a RoomCache for Chipi's forward, a transformers Cache for transformers' own
+        self._room_cache = room_cache
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [rows, columns]: 1 for a real token, 0 for padding
 
     def clear(self) -> None:
@@ -145,7 +96,7 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, request: _Request, prefilled: Cache) -> None:
+    def add(self, request: _Request, prefilled: Any) -> None:
         """Merge a freshly prefilled request (a one-row cache) into the batch, left-padding the shorter side."""
         new = _key_values(prefilled)
         row_mask = torch.ones(1, new[0][0].shape[2], dtype=torch.long, device=new[0][0].device)
@@ -194,17 +145,25 @@ class _Batch:
         return [(keys[index : index + 1], values[index : index + 1]) for keys, values in _key_values(self.cache)]
 
     def _hold(self, key_values: KeyValues) -> None:
-        self.cache = spare_room_cache(key_values)
+        self.cache = self._room_cache(key_values)
 
 
-def _key_values(cache: Cache) -> KeyValues:
+def _key_values(cache: Any) -> KeyValues:
     """Every layer's keys and values; only plain full-attention layers can be padded and merged like this."""
     pairs: KeyValues = []
     for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or layer.is_sliding or layer.keys is None or layer.values is None:
+        if not _full_attention(layer) or layer.keys is None or layer.values is None:
             raise TypeError("batched decoding needs a model whose every layer keeps a full key/value cache")
         pairs.append((layer.keys, layer.values))
     return pairs
+
+
+def _full_attention(layer: Any) -> bool:
+    if isinstance(layer, SpareRoomLayer):
+        return True
+    from transformers.cache_utils import DynamicLayer  # a transformers cache: transformers' forward has loaded it
+
+    return isinstance(layer, DynamicLayer) and not layer.is_sliding
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -225,13 +184,13 @@ class DecodeEngine:
         self._eos_ids = eos_ids
         self._prefix_cache = prefix_cache
         config = model.generation_config
-        self._top_k = config.top_k if config.top_k is not None else _GENERATE_DEFAULT_TOP_K
+        self._top_k = config.top_k if config.top_k is not None else GENERATE_DEFAULT_TOP_K
         self._repetition_penalty: float | None = config.repetition_penalty
         self._inbox: deque[_Request] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._batch = _Batch()
+        self._batch = _Batch(spare_room_cache if isinstance(model, LlamaForward) else transformers_cache)
 
     def submit(
         self,
@@ -249,7 +208,7 @@ class DecodeEngine:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self._model.device).manual_seed(seed)
-        sampler = _Sampler(temperature, top_p, self._top_k, self._repetition_penalty, generator)
+        sampler = Sampler(temperature, top_p, self._top_k, self._repetition_penalty, generator)
         request = _Request(list(prompt_ids), max_new_tokens, sampler, cancelled, sink)
         with self._wake:
             if self._closing:
@@ -326,13 +285,17 @@ class DecodeEngine:
             logger.exception("prefill failed")
             self._fail([request], exc)
 
-    def _prompt_cache(self, hit: PrefixHit | None) -> Cache:
+    def _prompt_cache(self, hit: PrefixHit | None) -> Any:
         """Where a prompt's keys and values go: a copy of a prefix cache hit (made once, with room to append the rest
         of the prompt in place), or an empty cache. Chipi's forward keeps them in its cache dtype
         (LlamaForward.keep_keys_values_in); transformers' own forward concatenates them in the model's dtype."""
         if isinstance(self._model, LlamaForward):
             return spare_room_cache(hit.key_values, self._model.cache_dtype) if hit else self._model.new_cache()
-        return spare_room_cache(hit.key_values) if hit else DynamicCache()
+        if hit:
+            return transformers_cache(hit.key_values)
+        from transformers.cache_utils import DynamicCache  # transformers' forward runs this model: it is loaded
+
+        return DynamicCache()
 
     def _drop_cancelled(self) -> None:
         keep = [not row.cancelled.is_set() for row in self._batch.rows]
@@ -371,7 +334,7 @@ class DecodeEngine:
         batch.keep([not ended for ended in done])
 
     def _logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
     ) -> torch.Tensor:
         """Each row's next-token logits, `[rows, vocab]`, having appended the fed tokens' keys and values to `cache`."""
         if isinstance(self._model, LlamaForward):

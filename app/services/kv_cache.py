@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 # Room a layer keeps for tokens still to come, in columns. A full buffer is copied into a larger one.
 SPARE_COLUMNS = 128
@@ -13,17 +13,22 @@ SPARE_COLUMNS = 128
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [rows, kv_heads, columns, head_dim]
 
 
-class SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+class SpareRoomLayer:
     """A full-attention cache layer that writes each new token into room it keeps, instead of concatenating.
 
-    `DynamicLayer.update` concatenates, so every step copies the whole cache into newly allocated memory; at 8 rows on
-    a CPU that copy (and the page faults of the fresh allocation) took as long as the model's matmuls. Here `keys` and
-    `values` are views of larger buffers and a step writes one column in place; a full buffer moves into a larger one.
+    transformers' `DynamicLayer.update` concatenates, so every step copies the whole cache into newly allocated
+    memory; at 8 rows on a CPU that copy (and the page faults of the fresh allocation) took as long as the model's
+    matmuls. Here `keys` and `values` are views of larger buffers and a step writes one column in place; a full buffer
+    moves into a larger one.
     """
+
+    is_sliding = False
+    keys: torch.Tensor  # views of the rooms: the `length` tokens held
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Holds a copy of `keys` and `values`, in `dtype` if given (what every later token is stored in too)."""
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # transformers' DynamicLayer, in the subclass its own forward gets (transformers_cache)
         self.device = keys.device
         self.is_initialized = True
         self.length = keys.shape[2]
@@ -39,7 +44,7 @@ class SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         key_room[:, :, self.length : self.length + added] = key_states
         value_room[:, :, self.length : self.length + added] = value_states
         self.advance(added)
-        return self.keys, self.values  # type: ignore[return-value]
+        return self.keys, self.values
 
     def reserve(self, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The key and value buffers `[rows, kv_heads, room, head_dim]`, with room for `columns` more tokens after
@@ -67,6 +72,38 @@ class SpareRoomLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         return room
 
 
-def spare_room_cache(key_values: KeyValues, dtype: torch.dtype | None = None) -> Cache:
+class RoomCache:
+    """Per layer, a SpareRoomLayer: the cache Chipi's forward (app/services/llama_forward.py) appends to."""
+
+    def __init__(self, layers: list[SpareRoomLayer]) -> None:
+        self.layers = layers
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append to layer `layer_idx`; its keys and values so far."""
+        return self.layers[layer_idx].update(key_states, value_states)
+
+
+def spare_room_cache(key_values: KeyValues, dtype: torch.dtype | None = None) -> RoomCache:
     """A cache holding a copy of `key_values` (in `dtype` if given), with room for more tokens after them."""
-    return Cache(layers=[SpareRoomLayer(keys, values, dtype) for keys, values in key_values])
+    return RoomCache([SpareRoomLayer(keys, values, dtype) for keys, values in key_values])
+
+
+def transformers_cache(key_values: KeyValues) -> Any:
+    """The same, as a transformers Cache, for a model run by transformers' own forward (which asks its cache layers
+    for lengths and mask sizes). transformers is imported here only: a model that needs this has loaded it."""
+    from transformers.cache_utils import Cache
+
+    layer = _transformers_layer_class()
+    return Cache(layers=[layer(keys, values) for keys, values in key_values])
+
+
+@functools.cache
+def _transformers_layer_class() -> Any:
+    from transformers.cache_utils import DynamicLayer
+
+    class TransformersSpareRoomLayer(SpareRoomLayer, DynamicLayer):  # type: ignore[misc,no-untyped-call]
+        """A SpareRoomLayer with DynamicLayer's answers to transformers' forward (lengths, mask sizes)."""
+
+    return TransformersSpareRoomLayer

@@ -14,8 +14,8 @@ took as long as the products. This forward computes the same function with a thi
   (Chipi's kernel) reads them as they are, a prompt's reads them converted to float32.
 
 It takes what the decode engine gives transformers' forward (token ids, the attention mask over the cache's columns,
-position ids, a transformers Cache whose layers' `update` appends keys and values) and returns the logits of each
-row's last token. Its linear layers are the precision's (app/services/cpu_layers.py).
+position ids, a cache whose `update` appends keys and values: kv_cache.RoomCache, or a transformers Cache) and returns
+the logits of each row's last token. Its linear layers are the precision's (app/services/cpu_layers.py).
 
 A decode step of a model whose every product is in blocks, on the engine's cache with room to write into
 (kv_cache.SpareRoomLayer), runs all its layers in one call of Chipi's kernels (`decode_layers`): the same operations,
@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
-from transformers.cache_utils import Cache
 
 from app.services import kernels
 from app.services.cpu_layers import FLOAT32_ROWS, BlockLinear, LayerMaker
-from app.services.kv_cache import SpareRoomLayer, spare_room_cache
+from app.services.kv_cache import RoomCache, SpareRoomLayer, spare_room_cache
 
 # Model types whose decoder layers are exactly transformers' LlamaDecoderLayer arithmetic (RMSNorm, rotary
 # embeddings on full heads, grouped-query attention, SiLU-gated MLP).
@@ -165,7 +164,7 @@ class LlamaForward(nn.Module):
         kernels attend, which read float16 directly. Elsewhere the cache keeps the model's dtype."""
         self.cache_dtype = torch.float16 if setting == "float16" and self._fused else self.dtype
 
-    def new_cache(self) -> Cache:
+    def new_cache(self) -> RoomCache:
         """An empty cache for one row, in `cache_dtype`, with room to write a prompt's keys and values into."""
         empty = self.norm.new_empty(1, self.kv_heads, 0, self.head_dim, dtype=self.cache_dtype)
         return spare_room_cache([(empty, empty)] * len(self.decoder_layers))

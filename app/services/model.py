@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 from app.domain.errors import ModelUnavailableError
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationOutput, GenerationParams, Prompt, TextDelta
@@ -24,6 +22,7 @@ from app.services.engine import DecodeEngine, EngineEvent, Finished
 from app.services.llama_forward import LlamaForward
 from app.services.own_thread import call_in_own_thread
 from app.services.prefix_cache import PrefixCache
+from app.services.tokenizer import ChatTokenizer, load_tokenizer
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ class _IncrementalDecoder:
     character waits for its next token.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._context = 0  # where the window starts: the ids of the last delta
@@ -55,7 +54,7 @@ class _IncrementalDecoder:
         return text[len(before) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return self._tokenizer.decode(ids)
 
 
 def _resolve_dtype(setting: str) -> torch.dtype:
@@ -89,29 +88,6 @@ def _load_weights(source: str, settings: Settings, device_map: str) -> Any:
     return model
 
 
-# Tokenizer classes that are transformers' own tokenizers-backed one, whatever the model (the default model's
-# tokenizer_config.json names it): loaded as that class, without AutoTokenizer.
-GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
-
-
-def _load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer. One whose local tokenizer_config.json names the generic class is loaded as that
-    class: AutoTokenizer would build the same object, after importing its registry of every model's tokenizer and
-    config (half a second of a start on the AMD EPYC). Otherwise AutoTokenizer, which reads the model's config only
-    for its type and tokenizer class; given it as a plain PreTrainedConfig, it does not import the model's own config
-    class (Llama's pulls in torch.distributed: about a second of a start)."""
-    tokenizer_config = Path(source, "tokenizer_config.json")
-    named = json.loads(tokenizer_config.read_text()).get("tokenizer_class") if tokenizer_config.is_file() else None
-    if named in GENERIC_TOKENIZER_CLASSES:
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-        return TokenizersBackend.from_pretrained(source)  # type: ignore[no-any-return]
-    from transformers import AutoTokenizer
-
-    config, _ = PreTrainedConfig.get_config_dict(source)
-    return AutoTokenizer.from_pretrained(source, config=PreTrainedConfig.from_dict(config))
-
-
 class ModelService:
     """One causal language model with its tokenizer and chat template, shared by every request.
 
@@ -123,7 +99,7 @@ class ModelService:
     def __init__(
         self,
         model: Any,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: ChatTokenizer,
         *,
         name: str,
         context_window: int,
@@ -135,7 +111,7 @@ class ModelService:
         self.context_window = context_window
         # True for models that think in <think>...</think> (their tokenizer has both tags). Looked up here, as the
         # model loads: building the vocabulary takes tens of milliseconds, and every model title asks (on the loop).
-        vocabulary = tokenizer.get_vocab()
+        vocabulary = tokenizer.vocabulary()
         self.splits_reasoning = OPEN_TAG in vocabulary and CLOSE_TAG in vocabulary
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -152,7 +128,7 @@ class ModelService:
             raise ModelUnavailableError(f"model folder {source} does not exist; run `chipi fetch-models` first")
         started = time.perf_counter()
         device_map = "auto" if settings.device == "auto" else settings.device
-        tokenizer = _load_tokenizer(source)
+        tokenizer = load_tokenizer(source)
         # Loading runs parallel PyTorch work; in a thread that then ends, so this caller's thread keeps no OpenMP team
         # that would slow the decode engine's (see app/services/own_thread.py).
         model = call_in_own_thread(_load_weights, source, settings, device_map)
@@ -206,10 +182,7 @@ class ModelService:
     def _encode(self, system_prompt: str | None, turns: Sequence[ChatTurn], thinking: bool) -> list[int]:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages += [{"role": turn.role, "content": turn.content} for turn in turns]
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=thinking
-        )
-        return list(ids)
+        return self.tokenizer.encode_chat(messages, thinking=thinking)
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams, cancelled: threading.Event

@@ -1,0 +1,197 @@
+"""The model's tokenizer as the server uses it: a conversation to prompt token ids, token ids back to text.
+
+A model folder whose tokenizer is transformers' generic one (a tokenizer.json, and a tokenizer_config.json naming
+that class: the default model's) is read with the `tokenizers` library, and its chat template rendered with jinja2
+the way transformers renders chat templates, without importing transformers: its import indexes every model it
+knows, over a second of a start on a slow CPU. Any other tokenizer is transformers' own, through AutoTokenizer.
+tests/test_tokenizer.py holds the first to transformers' tokenizer of the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+# Tokenizer classes that are transformers' tokenizers-backed one, whatever the model: that class adds nothing to
+# what the folder's tokenizer.json and tokenizer_config.json say.
+GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+# The special tokens transformers hands a chat template by name (its `special_tokens_map`).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+class ChatTokenizer(Protocol):
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def encode_chat(self, messages: Sequence[Message], *, thinking: bool) -> list[int]:
+        """The chat-templated prompt for `messages`, ending where the assistant's reply starts. `thinking` reaches
+        templates that know `enable_thinking` (Qwen3 style); others ignore it."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """`text`'s token ids, without special tokens around them."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of `token_ids`, special tokens left out, spaces as the tokens have them."""
+        ...
+
+    def vocabulary(self) -> dict[str, int]:
+        """Every token (added ones included) and its id."""
+        ...
+
+
+def load_tokenizer(source: str) -> ChatTokenizer:
+    """The tokenizer of the model in folder (or hub id) `source`."""
+    folder = Path(source)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    template = _chat_template(folder, config)
+    if (
+        config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+        and (folder / "tokenizer.json").is_file()
+        and template is not None
+    ):
+        return LocalTokenizer(folder / "tokenizer.json", config, template)
+    return TransformersTokenizer.load(source)
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """The folder's default chat template: chat_template.jinja (where transformers 5 saves it), else the config's."""
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = next((item["template"] for item in template if item.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+class LocalTokenizer:
+    """A tokenizer.json read by the `tokenizers` library, with the folder's special tokens and chat template."""
+
+    def __init__(self, tokenizer_file: Path, config: dict[str, Any], chat_template: str) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._special_tokens = {
+            name: token for name in SPECIAL_TOKEN_NAMES if (token := _token_text(config.get(name))) is not None
+        }
+        self._template = _compile_chat_template(chat_template)
+        self.eos_token_id = self._token_id("eos_token")
+        self.pad_token_id = self._token_id("pad_token")
+
+    def _token_id(self, name: str) -> int | None:
+        token = self._special_tokens.get(name)
+        return self._tokenizer.token_to_id(token) if token is not None else None
+
+    def encode_chat(self, messages: Sequence[Message], *, thinking: bool) -> list[int]:
+        # What transformers' apply_chat_template passes: the special tokens by name, then the caller's arguments.
+        text = self._template.render(
+            messages=[dict(message) for message in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=True,
+            **self._special_tokens,
+            enable_thinking=thinking,
+        )
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def vocabulary(self) -> dict[str, int]:
+        return dict(self._tokenizer.get_vocab(with_added_tokens=True))
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json gives it: its text, or an AddedToken's fields."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _compile_chat_template(source: str) -> Any:
+    """`source` compiled in the environment transformers renders chat templates in: jinja2's immutable sandbox (chat
+    templates are code that comes with a model), blocks trimmed, loop controls, transformers' `tojson` (no HTML
+    escaping), `raise_exception` and `strftime_now`, and its `{% generation %}` tag, which marks the assistant's
+    part for training and renders its body."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(date_format: str) -> str:
+        return datetime.now().strftime(date_format)
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols]
+    )
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = strftime_now
+    return environment.from_string(source)
+
+
+class TransformersTokenizer:
+    """Any tokenizer transformers loads, for models whose tokenizer is a class of its own."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+        self.pad_token_id: int | None = tokenizer.pad_token_id
+
+    @classmethod
+    def load(cls, source: str) -> TransformersTokenizer:
+        """AutoTokenizer reads the model's config only for its type and tokenizer class; given it as a plain
+        PreTrainedConfig, it does not import the model's own config class (Llama's pulls in torch.distributed: about
+        a second of a start)."""
+        from transformers import AutoTokenizer, PreTrainedConfig
+
+        config, _ = PreTrainedConfig.get_config_dict(source)
+        return cls(AutoTokenizer.from_pretrained(source, config=PreTrainedConfig.from_dict(config)))
+
+    def encode_chat(self, messages: Sequence[Message], *, thinking: bool) -> list[int]:
+        ids = self._tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=thinking
+        )
+        return list(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(
+            self._tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+
+    def vocabulary(self) -> dict[str, int]:
+        return dict(self._tokenizer.get_vocab())
