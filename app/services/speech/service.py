@@ -13,6 +13,7 @@ concurrent speech streams interleave instead of queueing whole texts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -99,24 +100,42 @@ def _torch_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _voice_on_gpu(setting: str) -> bool:
+    """Whether Piper voices run on the GPU. They run on onnxruntime, not PyTorch: with `auto`, where onnxruntime has
+    CUDA (asking PyTorch would wait for its import, which the model's loading thread holds for seconds)."""
+    if setting != "auto":
+        return setting.startswith("cuda")
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 class SpeechService:
     """Transcribes recordings and speaks text; holds the loaded whisper models and Piper voices."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._device = _torch_device(settings.device)
         self._whisper: dict[str, Whisper] = {}
         self._voices: dict[str, PiperVoice] = {}
         self._stt = anyio.CapacityLimiter(1)
         self._tts = anyio.CapacityLimiter(1)
 
+    @functools.cached_property
+    def _device(self) -> str:
+        """whisper's PyTorch device."""
+        return _torch_device(self._settings.device)
+
     @classmethod
     def load(cls, settings: Settings) -> SpeechService:
-        """The service with the configured whisper model and voice loaded (blocking: call it from a thread)."""
+        """The service with the configured whisper model and voice loaded (blocking: call it from a thread).
+
+        The voice first: it needs no PyTorch, and onnxruntime builds its session without holding the GIL, so at a
+        server's start it loads on the second core while the model's loading thread imports PyTorch (about a second
+        of a start on a slow CPU)."""
         service = cls(settings)
-        service._whisper_model(service._whisper_path(settings.whisper_model, field="CHIPI_WHISPER_MODEL"))
         voice = service._voice(service._voice_path(settings.voice, field="CHIPI_VOICE"))
         list(voice.synthesize("Ready."))  # the first run of an ONNX session is slow: not on a user's request
+        service._whisper_model(service._whisper_path(settings.whisper_model, field="CHIPI_WHISPER_MODEL"))
         logger.info("speech ready: whisper %s on %s, voice %s", settings.whisper_model, service._device, settings.voice)
         return service
 
@@ -173,7 +192,7 @@ class SpeechService:
         if name not in self._voices:
             from piper import PiperVoice
 
-            self._voices[name] = PiperVoice.load(path, use_cuda=self._device.startswith("cuda"))
+            self._voices[name] = PiperVoice.load(path, use_cuda=_voice_on_gpu(self._settings.device))
         return self._voices[name]
 
     async def _run(self, limiter: anyio.CapacityLimiter, work: Callable[..., T], *args: Any) -> T:
