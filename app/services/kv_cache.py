@@ -22,14 +22,13 @@ class SpareRoomLayer:
     moves into a larger one.
     """
 
-    is_sliding = False
     keys: torch.Tensor  # views of the rooms: the `length` tokens held
     values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Holds a copy of `keys` and `values`, in `dtype` if given (what every later token is stored in too)."""
         super().__init__()  # transformers' DynamicLayer, in the subclass its own forward gets (transformers_cache)
-        self.device = keys.device
+        self.device = keys.device  # this and is_initialized: DynamicLayer's fields, which transformers' forward reads
         self.is_initialized = True
         self.length = keys.shape[2]
         self._key_room = self._room_for(keys, dtype=dtype)
