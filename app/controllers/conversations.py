@@ -14,11 +14,12 @@ from litestar import Controller, delete, get, patch, post, put
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
-from litestar.response import Response, ServerSentEvent, ServerSentEventMessage, Stream
+from litestar.response import Response, Stream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.controllers.auth import KEY_REQUIRED
 from app.controllers.openapi import CHAT_STREAM_EVENT, TEXT, error_responses, success_content
+from app.controllers.sse import event_stream, sse_event
 from app.domain.errors import InvalidInputError
 from app.domain.rules import clean_system_prompt, clean_title
 from app.domain.schemas import (
@@ -67,7 +68,6 @@ def parse_message_id(message_id: Annotated[str, Parameter(description="A message
     return _parse_uuid(message_id, "message_id")
 
 
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_OFFSET = 2**31 - 1  # the databases' OFFSET takes at most a 64-bit integer; no list is anywhere near this long
 
 
@@ -80,7 +80,7 @@ def _options(body: GenerationOptions | None) -> ReplyOptions:
     return ReplyOptions(body.max_tokens, body.temperature, body.top_p) if body else ReplyOptions()
 
 
-async def _sse_events(generation: Generation, after: int) -> AsyncIterator[ServerSentEventMessage]:
+async def _sse_events(generation: Generation, after: int) -> AsyncIterator[bytes]:
     """The reply as the seed's frontend reads it: unnamed text events (reasoning between `<think>` and
     `</think>` events), then a named `done` or `error` event. Each id lets EventSource resume via Last-Event-ID."""
     async for seq, event in generation.follow(after):
@@ -88,12 +88,12 @@ async def _sse_events(generation: Generation, after: int) -> AsyncIterator[Serve
         if isinstance(event, ReplyFinished):
             assert generation.user_message is not None and generation.reply is not None
             done = StreamDone(generation.user_message.id, generation.reply.id, event.usage, event.finish_reason)
-            yield ServerSentEventMessage(data=msgspec.json.encode(done).decode(), event="done", id=event_id)
+            yield sse_event(msgspec.json.encode(done).decode(), event="done", event_id=event_id)
         elif isinstance(event, ReplyFailed):
             error = StreamError(code=event.code, detail=event.detail)
-            yield ServerSentEventMessage(data=msgspec.json.encode(error).decode(), event="error", id=event_id)
+            yield sse_event(msgspec.json.encode(error).decode(), event="error", event_id=event_id)
         else:
-            yield ServerSentEventMessage(data=event.text, id=event_id)
+            yield sse_event(event.text, event_id=event_id)
 
 
 def _exchange(conversation_id: UUID, user_message: Any, reply: Any) -> MessageExchange:
@@ -301,11 +301,11 @@ class ConversationController(Controller):
         last_event_id: Annotated[
             str | None, Parameter(header="Last-Event-ID", description="Resume after this event (EventSource sets it)")
         ] = None,
-    ) -> ServerSentEvent:
+    ) -> Stream:
         generation, after = await chat.open_stream(
             owner, conversation_id, prompt, ReplyOptions(thinking=thinking), last_event_id
         )
-        return ServerSentEvent(_sse_events(generation, after), headers=STREAM_HEADERS)
+        return event_stream(_sse_events(generation, after))
 
     @post(
         "/{session_id:str}/stop",

@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from app.controllers.auth import KEY_REQUIRED
 from app.controllers.openapi import COMPLETION_STREAM_EVENT, openai_error_responses, success_content
+from app.controllers.sse import event_stream, sse_event
 from app.domain.errors import InvalidInputError, ModelUnavailableError, NotFoundError
 from app.domain.generation import ChatTurn
 from app.domain.openai import (
@@ -100,17 +100,17 @@ async def _collect(generation: Generation, model: str, request: ChatCompletionRe
     raise ModelUnavailableError("the reply ended without finishing")
 
 
-async def _chunks(generation: Generation, model: str, include_usage: bool) -> AsyncIterator[ServerSentEventMessage]:
+async def _chunks(generation: Generation, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
 
-    def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> ServerSentEventMessage:
+    def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> bytes:
         body = ChatCompletionChunk(
             id=f"chatcmpl-{generation.id}",
             created=created,
             model=model,
             choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
         )
-        return ServerSentEventMessage(data=msgspec.json.encode(body).decode())
+        return sse_event(msgspec.json.encode(body).decode())
 
     yield chunk(ChunkDelta(role="assistant", content=""))
     async for _, event in generation.follow():
@@ -125,11 +125,11 @@ async def _chunks(generation: Generation, model: str, include_usage: bool) -> As
                 usage = ChatCompletionChunk(
                     id=f"chatcmpl-{generation.id}", created=created, model=model, choices=[], usage=_usage(event)
                 )
-                yield ServerSentEventMessage(data=msgspec.json.encode(usage).decode())
+                yield sse_event(msgspec.json.encode(usage).decode())
         else:
             error = OpenAIErrorBody(OpenAIError(message=event.detail, type="server_error", param=None, code=event.code))
-            yield ServerSentEventMessage(data=msgspec.json.encode(error).decode())
-    yield ServerSentEventMessage(data="[DONE]")
+            yield sse_event(msgspec.json.encode(error).decode())
+    yield sse_event("[DONE]")
 
 
 class OpenAIController(Controller):
@@ -164,6 +164,6 @@ class OpenAIController(Controller):
         generation = await chat.start_completion(owner, system_prompt, turns, _options(data), data.chipi_session_id)
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            stream: Any = ServerSentEvent(_chunks(generation, model, include_usage))
+            stream: Any = event_stream(_chunks(generation, model, include_usage))
             return stream  # type: ignore[no-any-return]  # a streamed response instead of the body
         return await _collect(generation, model, data)
