@@ -8,7 +8,8 @@ from typing import Any
 from uuid import UUID
 
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.models import Conversation, Message, MessageStatus, TitleSource
 
@@ -92,16 +93,6 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
         )
         return result.scalars().all()
 
-    async def write_text(self, message_id: UUID, content: str, reasoning: str | None) -> bool:
-        """Overwrite a message's text in one UPDATE (no read, no refresh); False if it no longer exists."""
-        result = await self.session.execute(
-            update(Message)
-            .where(Message.id == message_id)
-            .values(content=content, reasoning=reasoning, updated_at=datetime.now(UTC))
-            .execution_options(synchronize_session=False)
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
     async def write(self, message_id: UUID, **values: object) -> Message | None:
         """Set `values` on a message in one UPDATE and return it as stored; None if it no longer exists."""
         result = await self.session.execute(
@@ -121,3 +112,21 @@ class MessageRepository(SQLAlchemyAsyncRepository[Message]):
             .values(status=MessageStatus.ERROR.value, finish_reason="interrupted")
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# A streaming reply's text so far, written every CHIPI_STREAM_FLUSH_SECONDS while the model decodes on the same
+# cores: one UPDATE built once (so it is compiled once), run on a pooled connection without an ORM session or
+# repository, which took twice the CPU (3.6 against 1.8 ms a write on SQLite, measured).
+_WRITE_TEXT = (
+    update(Message)
+    .where(Message.id == bindparam("message_id"))
+    .values(content=bindparam("content"), reasoning=bindparam("reasoning"), updated_at=bindparam("updated_at"))
+)
+
+
+async def write_reply_text(engine: AsyncEngine, message_id: UUID, content: str, reasoning: str | None) -> bool:
+    """Overwrite a message's text in a transaction of its own; False if the message no longer exists."""
+    values = {"message_id": message_id, "content": content, "reasoning": reasoning, "updated_at": datetime.now(UTC)}
+    async with engine.begin() as connection:
+        result = await connection.execute(_WRITE_TEXT, values)
+    return bool(result.rowcount)

@@ -34,6 +34,7 @@ from app.domain.rules import clean_prompt
 from app.domain.schemas import Usage
 from app.domain.stop_sequences import StopSequences
 from app.observability import record_first_token, record_generated_tokens
+from app.repositories.conversations import write_reply_text
 from app.services.conversations import ConversationService, Edit, NewMessage, PlannedTurn, TurnRequest
 from app.services.titles import TitleService
 from app.settings import Settings
@@ -120,7 +121,9 @@ class Generation:
         self.id = str(reply.id) if reply is not None else uuid4().hex
         self.events: list[ChatEvent] = []
         self.cancelled = threading.Event()  # read by the model's thread
-        self.finished = asyncio.Event()
+        # Resolved when the reply has ended and is stored. A future rather than an Event: a follower's pause waits on
+        # it with asyncio.wait, which needs no task and raises nothing when the pause runs out.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
         self._followers = 0
         self._grace_seconds = grace_seconds
@@ -161,11 +164,9 @@ class Generation:
                     if isinstance(event, ReplyFinished | ReplyFailed):
                         return
                 sent = upto
-                if self._event_interval_seconds and not self.finished.is_set():
+                if self._event_interval_seconds and not self.finished.done():
                     # the interval, cut short by the reply's end (a server that stops waits only for that)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._event_interval_seconds):
-                            await self.finished.wait()
+                    await asyncio.wait((self.finished,), timeout=self._event_interval_seconds)
         finally:
             self._followers -= 1
             if self._followers == 0:
@@ -175,7 +176,7 @@ class Generation:
                     self.cancel()  # nobody can come back for it
 
     def _arm_grace_timer(self) -> None:
-        if not self.finished.is_set() and self._grace_timer is None:
+        if not self.finished.done() and self._grace_timer is None:
             loop = asyncio.get_running_loop()
             self._grace_timer = loop.call_later(self._grace_seconds, self._stop_if_unwatched)
 
@@ -191,7 +192,8 @@ class Generation:
 
     def settle(self) -> None:
         self._disarm_grace_timer()
-        self.finished.set()
+        if not self.finished.done():
+            self.finished.set_result(None)
 
 
 class LanguageModel(Protocol):
@@ -445,7 +447,7 @@ class ChatService:
         if generation is None:
             return None
         generation.cancel()
-        await generation.finished.wait()
+        await asyncio.shield(generation.finished)  # shielded: a stop request that goes away must not cancel it
         return generation.reply
 
     async def switch_branch(
@@ -610,10 +612,9 @@ class ChatService:
             delay = min(delay * 2, 2.0)
 
     async def _save_partial(self, generation: Generation, content: str, reasoning: str | None) -> bool:
-        """Write the text so far of a reply still streaming, in a short session of its own."""
+        """Write the text so far of a reply still streaming; False if it was deleted."""
         assert generation.reply is not None
-        async with ConversationService.new(config=self._db_config) as conversations:
-            return await conversations.save_partial_reply(generation.reply.id, content=content, reasoning=reasoning)
+        return await write_reply_text(self._db_config.get_engine(), generation.reply.id, content, reasoning)
 
     async def _save(
         self,

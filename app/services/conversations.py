@@ -311,12 +311,6 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         await self.repository.session.commit()
         return user_message, reply
 
-    async def save_partial_reply(self, reply_id: UUID, *, content: str, reasoning: str | None) -> bool:
-        """Write the text so far of a reply still streaming (often: one light statement); False if it was deleted."""
-        written = await self.messages.write_text(reply_id, content, reasoning)
-        await self.repository.session.commit()
-        return written
-
     async def save_reply(
         self,
         reply_id: UUID,
