@@ -322,7 +322,8 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         completion_tokens: int | None = None,
         finish_reason: str | None = None,
     ) -> Message | None:
-        """Write the reply's text so far (or its final state); None if the conversation was deleted meanwhile.
+        """Write the reply's final state and move its conversation to the top of the list; None if the conversation
+        was deleted meanwhile. (The text so far of a reply still streaming: repositories.write_reply_text.)
 
         Each write is one statement, so a delete landing in between leaves nothing half-done."""
         values: dict[str, object] = {"content": content, "reasoning": reasoning, "status": status.value}
@@ -333,7 +334,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         }
         values |= {name: value for name, value in optional.items() if value is not None}
         reply = await self.messages.write(reply_id, **values)
-        if reply is not None and status != MessageStatus.STREAMING:
+        if reply is not None:
             await self.repository.touch(reply.conversation_id)
         await self.repository.session.commit()
         return reply
