@@ -52,8 +52,8 @@ def test_block_layers_multiply_like_float32_on_the_same_weights(
     assert torch.equal(from_file.data, layer.data) and torch.equal(from_file.scales, layer.scales)
     x = torch.randn(rows, in_features)
     expected = x @ weight.t()
-    # 40 and 300 rows take float32 products on dequantized tiles; a few rows the block kernel, which rounds each
-    # block of activations to 16 bits
+    # a few rows take the block kernel, which rounds each block of activations to 16 bits; 40 and 300 (a prompt) the
+    # same with AVX-512 VNNI and weights in panels, float32 products on dequantized tiles elsewhere
     assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
@@ -108,6 +108,17 @@ def test_8_bit_activations_are_rounded_per_block_and_the_rest_is_exact(rows: int
     x = torch.randn(rows, in_features)
     expected = rounded_to_8_bits(x) @ (weight - mins).t() + x @ mins.t()
     assert torch.allclose(layer(x), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("rows", [cpu_layers.FLOAT32_ROWS, 40])
+def test_a_prompt_is_read_with_16_bit_activations_whatever_the_setting(rows: int) -> None:
+    """CHIPI_ACTIVATION_BITS=8 rounds a decode step's activations; the rows of a prompt keep their 16-bit ones."""
+    weight = on_grid(200, 576, 4)
+    x = torch.randn(rows, 576)
+    expected = x @ weight.t()
+    layer = BlockLinear(quantize_blocks(weight, 4), None, activation_bits=8)
+    assert torch.allclose(layer(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    assert not torch.allclose(layer(x[:3]), expected[:3], atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
 def test_weights_off_the_grid_are_not_called_exact() -> None:
