@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -158,6 +159,25 @@ async def test_a_lone_greedy_reply_is_plain_generate_token_for_token(service: Mo
     assert streamed.text == decode(service, expected)  # the deltas concatenate to the decoded reply
     assert all(streamed.deltas) and "\ufffd" not in streamed.text
     assert streamed.finished == GenerationFinished("length", len(the_prompt.token_ids), 64)
+
+
+async def test_a_paced_reply_comes_in_fewer_deltas_and_its_end_cuts_a_pause_short(service: ModelService) -> None:
+    """With a delta interval (ChatService asks for CHIPI_STREAM_EVENT_INTERVAL_SECONDS), the tokens of each interval
+    come as one delta, the same text in all; the reply's end does not wait for the pause, so even an interval far
+    longer than the reply costs it nothing."""
+    the_prompt = prompt(service, QUESTIONS[1])
+    # without the prefix cache, so that both read the prompt alike (see the test above)
+    uncached = ModelService(service.model, service.tokenizer, name=service.name, context_window=service.context_window)
+    try:
+        every_token = await reply(uncached, the_prompt)
+        started = time.monotonic()
+        paced = await reply(uncached, the_prompt, replace(GREEDY, delta_interval_seconds=60.0))
+        elapsed = time.monotonic() - started
+    finally:
+        uncached.close()
+    assert elapsed < 30
+    assert paced.text == every_token.text and paced.finished == every_token.finished
+    assert len(every_token.deltas) > 10 and 1 <= len(paced.deltas) <= 2  # the first token's, then the rest at the end
 
 
 async def test_concurrent_greedy_replies_match_their_solo_runs(service: ModelService, batch_sizes: list[int]) -> None:

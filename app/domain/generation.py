@@ -26,6 +26,9 @@ class GenerationParams:
     temperature: float
     top_p: float
     seed: int | None = None  # makes sampling repeatable
+    # The least time between two text deltas after the first: the tokens of that span come as one delta, so the
+    # event loop is woken once for them rather than once a token (0: each token's text as soon as it comes).
+    delta_interval_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

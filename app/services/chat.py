@@ -257,7 +257,16 @@ class ChatService:
         top_p = options.top_p if options.top_p is not None else self._settings.top_p
         if not 0 < top_p <= 1:
             raise InvalidInputError("top_p must be above 0 and at most 1", field="top_p")
-        return GenerationParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=options.seed)
+        # Text is sent to clients at most once per event interval anyway; a reply with stop sequences takes each
+        # token as it comes, so that a stop ends it at once.
+        interval = 0.0 if options.stop else self._settings.stream_event_interval_seconds
+        return GenerationParams(
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=options.seed,
+            delta_interval_seconds=interval,
+        )
 
     def _checked(self, request: TurnRequest) -> TurnRequest:
         max_chars = self._settings.max_prompt_chars

@@ -57,6 +57,63 @@ class _IncrementalDecoder:
         return self._tokenizer.decode(ids)
 
 
+class _Handover:
+    """One request's engine events, from the engine thread to the event loop.
+
+    The engine appends; the loop takes everything waiting at once. The engine wakes the loop only when it waits for
+    events, or during a pause only for the last one: a consumer that pauses between deltas costs the loop one wake
+    per pause instead of one per token (`call_soon_threadsafe` writes to the loop's wake-up pipe each time).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._events: list[EngineEvent] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._tokens_wake = True  # False while the consumer pauses: only a request's last event wakes it then
+
+    def put(self, event: EngineEvent) -> None:  # the engine's sink, on its thread
+        with self._lock:
+            self._events.append(event)
+            waiter = self._waiter
+            if waiter is None or (not self._tokens_wake and isinstance(event, int)):
+                return
+            self._waiter = None
+        self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    async def take(self) -> list[EngineEvent]:
+        """Every event waiting, waiting for one if there is none."""
+        while True:
+            with self._lock:
+                if self._events:
+                    events, self._events = self._events, []
+                    return events
+                self._waiter, self._tokens_wake = self._loop.create_future(), True
+                waiter = self._waiter
+            await waiter
+
+    async def pause(self, until: float) -> None:
+        """Wait until loop time `until`, or less if the request's last event comes first."""
+        with self._lock:
+            if self._events and not isinstance(self._events[-1], int):
+                return
+            self._waiter, self._tokens_wake = self._loop.create_future(), False
+            waiter = self._waiter
+        timer = self._loop.call_at(until, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            with self._lock:
+                if self._waiter is waiter:
+                    self._waiter = None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _resolve_dtype(setting: str) -> torch.dtype:
     """CHIPI_DTYPE as a torch dtype: `auto` is bfloat16 on a GPU, else float32 (float16 decodes faster on the CPU
     but reads long prompts slower; the README's Benchmark has the figures)."""
@@ -192,12 +249,7 @@ class ModelService:
         The request joins the engine's running batch at its next step. Setting `cancelled` takes it out of the batch
         before the next step; so does closing this iterator.
         """
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-
-        def sink(event: EngineEvent) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
+        handover = _Handover()
         self._engine.submit(
             prompt.token_ids,
             max_new_tokens=params.max_new_tokens,
@@ -205,28 +257,29 @@ class ModelService:
             top_p=params.top_p,
             seed=params.seed,
             cancelled=cancelled,
-            sink=sink,
+            sink=handover.put,
         )
         decoder = _IncrementalDecoder(self.tokenizer)
-        held: EngineEvent | None = None  # an event taken off the queue early, handled next
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                event = held if held is not None else await events.get()
-                held = None
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, Finished):
-                    yield GenerationFinished(event.reason, len(prompt.token_ids), event.completion_tokens)
-                    return
-                # Take every token already waiting: a consumer that fell behind decodes once, not once per token.
-                token_ids = [event]
-                while held is None and not events.empty():
-                    waiting = events.get_nowait()
-                    if isinstance(waiting, int):
-                        token_ids.append(waiting)
-                    else:
-                        held = waiting
-                if text := decoder.feed(token_ids):
+                # Everything that came since the last delta: a consumer that paused or fell behind decodes once.
+                token_ids: list[int] = []
+                end: Finished | BaseException | None = None
+                for event in await handover.take():
+                    if not isinstance(event, int):
+                        end = event
+                        break
+                    token_ids.append(event)
+                text = decoder.feed(token_ids) if token_ids else ""
+                if text:
                     yield TextDelta(text)
+                if isinstance(end, BaseException):
+                    raise end
+                if end is not None:
+                    yield GenerationFinished(end.reason, len(prompt.token_ids), end.completion_tokens)
+                    return
+                if text and params.delta_interval_seconds:
+                    await handover.pause(loop.time() + params.delta_interval_seconds)
         finally:
             cancelled.set()
