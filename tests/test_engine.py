@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
 from app.services import kernels
 from app.services.cpu_layers import BlockLinear, PackedLinear, onednn_packs_linears
-from app.services.engine import DecodeEngine
+from app.services.engine import PREFILL_CHUNK_TOKENS, DecodeEngine
 from app.services.kv_cache import spare_room_cache
 from app.services.llama_forward import LlamaForward
 from app.services.model import ModelService
@@ -159,6 +159,19 @@ async def test_a_lone_greedy_reply_is_plain_generate_token_for_token(service: Mo
     assert streamed.text == decode(service, expected)  # the deltas concatenate to the decoded reply
     assert all(streamed.deltas) and "\ufffd" not in streamed.text
     assert streamed.finished == GenerationFinished("length", len(the_prompt.token_ids), 64)
+
+
+async def test_a_prompt_read_in_several_passes_answers_as_plain_generate(service: ModelService) -> None:
+    """A prompt longer than PREFILL_CHUNK_TOKENS is read a pass at a time, each attending to the passes before it."""
+    system = " ".join(["You are a careful assistant who answers questions about the weather and the sky."] * 12)
+    the_prompt = prompt(service, QUESTIONS[1], system=system)
+    assert len(the_prompt.token_ids) > 3 * PREFILL_CHUNK_TOKENS
+    uncached = ModelService(service.model, service.tokenizer, name=service.name, context_window=service.context_window)
+    try:
+        got = await reply(uncached, the_prompt, GenerationParams(EXACT_PREFIX_TOKENS, 0.0, 1.0))
+    finally:
+        uncached.close()
+    assert got.text == decode(service, generate_ids(service, the_prompt, EXACT_PREFIX_TOKENS))
 
 
 async def test_a_paced_reply_comes_in_fewer_deltas_and_its_end_cuts_a_pause_short(service: ModelService) -> None:

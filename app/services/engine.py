@@ -43,6 +43,14 @@ from app.services.sampling import GENERATE_DEFAULT_TOP_K, Sampler
 logger = logging.getLogger(__name__)
 
 
+# A prompt is read this many tokens at a time. Each pass's activations then stay small (the default model's widest,
+# gate and up together, 768 KiB at 64 tokens), so they come from the heap that the passes before freed instead of
+# from fresh mappings paid in page faults (app/serving.py keeps blocks of 1 MiB and more mapped): a 1,674-token
+# message's first token came in 1.52 instead of 2.2 s through the API on an AMD EPYC with AVX-512, as fast as the
+# same engine without the server's thresholds. 32 tokens a pass took 1.8 s, 256 1.75 s.
+PREFILL_CHUNK_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class Finished:
     """The last event of a request: why it ended and how many tokens it produced."""
@@ -258,7 +266,8 @@ class DecodeEngine:
                 self._finish(request, "cancelled")
 
     def _admit(self, request: _Request) -> None:
-        """Prefill a new request alone, send its first token, and merge it into the batch unless it is done."""
+        """Prefill a new request alone (PREFILL_CHUNK_TOKENS at a time), send its first token, and merge it into the
+        batch unless it is done."""
         if request.cancelled.is_set():
             self._finish(request, "cancelled")
             return
@@ -270,12 +279,14 @@ class DecodeEngine:
             known = hit.length if hit is not None else 0
             cache = self._prompt_cache(hit)
             device = self._model.device
-            logits = self._logits(
-                input_ids=torch.tensor([request.prompt_ids[known:]], device=device),
-                attention_mask=torch.ones(1, len(request.prompt_ids), dtype=torch.long, device=device),
-                position_ids=torch.arange(known, len(request.prompt_ids), device=device).unsqueeze(0),
-                cache=cache,
-            )
+            for start in range(known, len(request.prompt_ids), PREFILL_CHUNK_TOKENS):
+                end = min(start + PREFILL_CHUNK_TOKENS, len(request.prompt_ids))
+                logits = self._logits(
+                    input_ids=torch.tensor([request.prompt_ids[start:end]], device=device),
+                    attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+                    position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+                    cache=cache,
+                )
             token = request.sampler.next_token(logits[0], request.prompt_ids)
             if self._accept(request, token):
                 self._remember(request, _key_values(cache), sole_user=True)
