@@ -174,6 +174,46 @@ async def test_a_prompt_read_in_several_passes_answers_as_plain_generate(service
     assert got.text == decode(service, generate_ids(service, the_prompt, EXACT_PREFIX_TOKENS))
 
 
+async def test_a_long_prompt_is_read_between_the_steps_of_running_replies(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running reply keeps getting tokens while another request's long prompt is read (a slice of passes at a time),
+    and the long prompt still answers as plain generate."""
+    order: list[str] = []
+    read_pass, step = DecodeEngine._read_pass, DecodeEngine._step
+
+    def recording_pass(engine: DecodeEngine, prefill: Any) -> Any:
+        order.append("pass")
+        return read_pass(engine, prefill)
+
+    def recording_step(engine: DecodeEngine) -> None:
+        order.append("step")
+        step(engine)
+
+    monkeypatch.setattr(DecodeEngine, "_read_pass", recording_pass)
+    monkeypatch.setattr(DecodeEngine, "_step", recording_step)
+    system = " ".join(["You are a careful assistant who answers questions about the weather and the sky."] * 60)
+    long_prompt = prompt(service, QUESTIONS[1], system=system)
+    assert len(long_prompt.token_ids) > 10 * PREFILL_CHUNK_TOKENS
+    uncached = ModelService(service.model, service.tokenizer, name=service.name, context_window=service.context_window)
+    try:
+        progress: asyncio.Queue[int] = asyncio.Queue()
+        running = asyncio.create_task(
+            reply(uncached, prompt(uncached, QUESTIONS[0]), GenerationParams(128, 0.0, 1.0), progress=progress)
+        )
+        while await progress.get() < 3:  # under way
+            pass
+        order.clear()
+        long = await reply(uncached, long_prompt, GenerationParams(EXACT_PREFIX_TOKENS, 0.0, 1.0))
+        await running
+    finally:
+        uncached.close()
+    passes = [index for index, what in enumerate(order) if what == "pass"]
+    assert len(passes) > 10
+    assert "step" in order[passes[0] : passes[-1]]  # the running reply stepped while the long prompt was read
+    assert long.text == decode(service, generate_ids(service, long_prompt, EXACT_PREFIX_TOKENS))
+
+
 async def test_a_paced_reply_comes_in_fewer_deltas_and_its_end_cuts_a_pause_short(service: ModelService) -> None:
     """With a delta interval (ChatService asks for CHIPI_STREAM_EVENT_INTERVAL_SECONDS), the tokens of each interval
     come as one delta, the same text in all; the reply's end does not wait for the pause, so even an interval far

@@ -1,8 +1,10 @@
 """The batched decode engine: every reply being generated shares one forward pass per token.
 
 A single engine thread owns the model. Each loop iteration it
-1. admits the requests that arrived since the last step: each is prefilled alone (its prompt in one forward pass),
-   its first token is sampled and sent at once, and its KV cache is merged into the running batch;
+1. reads the prompts of the requests that arrived: each alone, PREFILL_CHUNK_TOKENS a pass, taking turns between
+   them, for up to PREFILL_SLICE_SECONDS while other replies are running (so that a long prompt delays their next
+   token by that much, not by its whole prefill); a prompt read to its end has its first token sampled and sent at
+   once, and its KV cache merged into the running batch;
 2. drops the rows whose caller cancelled;
 3. runs one decode step for all rows together: one `model(...)` call on a `[rows, 1]` batch of their last tokens,
    then samples each row's next token with that row's own settings, and retires the rows that are done.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 # message's first token came in 1.52 instead of 2.2 s through the API on an AMD EPYC with AVX-512, as fast as the
 # same engine without the server's thresholds. 32 tokens a pass took 1.8 s, 256 1.75 s.
 PREFILL_CHUNK_TOKENS = 64
+# While replies are running, the engine reads prompts for about this long between two of their decode steps.
+PREFILL_SLICE_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,15 @@ class _Request:
         except Exception:  # e.g. RuntimeError from a closed event loop
             logger.debug("a generation's consumer is gone; cancelling it", exc_info=True)
             self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A request whose prompt is being read: the cache of the tokens read so far."""
+
+    request: _Request
+    cache: Any
+    read: int  # prompt tokens in `cache`
 
 
 class _Batch:
@@ -195,6 +209,7 @@ class DecodeEngine:
         self._top_k = config.top_k if config.top_k is not None else GENERATE_DEFAULT_TOP_K
         self._repetition_penalty: float | None = config.repetition_penalty
         self._inbox: deque[_Request] = deque()
+        self._prefills: deque[_Prefill] = deque()  # on the engine thread only
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -243,7 +258,7 @@ class DecodeEngine:
             while True:
                 with self._wake:
                     # Idle: sleep until a request comes. Busy: only pick up what arrived, never wait.
-                    while not self._inbox and not self._batch and not self._closing:
+                    while not self._inbox and not self._prefills and not self._batch and not self._closing:
                         self._wake.wait()
                     if self._closing:
                         break
@@ -252,6 +267,7 @@ class DecodeEngine:
                 try:
                     for request in arrived:
                         self._admit(request)
+                    self._read_prompts()
                     self._drop_cancelled()
                     if self._batch:
                         self._step()
@@ -259,15 +275,15 @@ class DecodeEngine:
                     logger.exception("the decode engine failed; failing the running generations")
                     self._fail(self._batch.rows, exc)
             with self._wake:
-                leftover = list(self._inbox) + self._batch.rows
+                leftover = list(self._inbox) + [prefill.request for prefill in self._prefills] + self._batch.rows
                 self._inbox.clear()
+            self._prefills.clear()
             self._batch.clear()
             for request in leftover:
                 self._finish(request, "cancelled")
 
     def _admit(self, request: _Request) -> None:
-        """Prefill a new request alone (PREFILL_CHUNK_TOKENS at a time), send its first token, and merge it into the
-        batch unless it is done."""
+        """Queue a new request's prompt to be read, from the longest prefix the prefix cache holds."""
         if request.cancelled.is_set():
             self._finish(request, "cancelled")
             return
@@ -276,25 +292,48 @@ class DecodeEngine:
             return
         try:
             hit = self._prefix_cache.lookup(request.prompt_ids) if self._prefix_cache is not None else None
-            known = hit.length if hit is not None else 0
-            cache = self._prompt_cache(hit)
-            device = self._model.device
-            for start in range(known, len(request.prompt_ids), PREFILL_CHUNK_TOKENS):
-                end = min(start + PREFILL_CHUNK_TOKENS, len(request.prompt_ids))
-                logits = self._logits(
-                    input_ids=torch.tensor([request.prompt_ids[start:end]], device=device),
-                    attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
-                    position_ids=torch.arange(start, end, device=device).unsqueeze(0),
-                    cache=cache,
-                )
-            token = request.sampler.next_token(logits[0], request.prompt_ids)
-            if self._accept(request, token):
-                self._remember(request, _key_values(cache), sole_user=True)
-            else:
-                self._batch.add(request, cache)
+            self._prefills.append(_Prefill(request, self._prompt_cache(hit), hit.length if hit is not None else 0))
         except Exception as exc:
             logger.exception("prefill failed")
             self._fail([request], exc)
+
+    def _read_prompts(self) -> None:
+        """Read the queued prompts a pass at a time, each in turn: all of them when no reply is running, else for
+        about PREFILL_SLICE_SECONDS."""
+        deadline = time.monotonic() + PREFILL_SLICE_SECONDS
+        while self._prefills and (not self._batch or time.monotonic() < deadline):
+            prefill = self._prefills.popleft()
+            request = prefill.request
+            if request.cancelled.is_set():
+                self._finish(request, "cancelled")
+                continue
+            try:
+                logits = self._read_pass(prefill)
+                if logits is None:
+                    self._prefills.append(prefill)  # more to read: after the others' next pass
+                    continue
+                token = request.sampler.next_token(logits[0], request.prompt_ids)
+                if self._accept(request, token):
+                    self._remember(request, _key_values(prefill.cache), sole_user=True)
+                else:
+                    self._batch.add(request, prefill.cache)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                self._fail([request], exc)
+
+    def _read_pass(self, prefill: _Prefill) -> torch.Tensor | None:
+        """Feed the next PREFILL_CHUNK_TOKENS of the prompt; the last token's logits once the prompt is all read."""
+        prompt_ids = prefill.request.prompt_ids
+        start, end = prefill.read, min(prefill.read + PREFILL_CHUNK_TOKENS, len(prompt_ids))
+        device = self._model.device
+        logits = self._logits(
+            input_ids=torch.tensor([prompt_ids[start:end]], device=device),
+            attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+            position_ids=torch.arange(start, end, device=device).unsqueeze(0),
+            cache=prefill.cache,
+        )
+        prefill.read = end
+        return logits if end == len(prompt_ids) else None
 
     def _prompt_cache(self, hit: PrefixHit | None) -> Any:
         """Where a prompt's keys and values go: a copy of a prefix cache hit (made once, with room to append the rest
