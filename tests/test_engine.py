@@ -214,6 +214,36 @@ async def test_a_long_prompt_is_read_between_the_steps_of_running_replies(
     assert long.text == decode(service, generate_ids(service, long_prompt, EXACT_PREFIX_TOKENS))
 
 
+async def test_a_request_arriving_while_a_long_prompt_is_read_takes_turns_with_it(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts are read a pass each in turn, so a short one that arrives during a long one's prefill starts first."""
+    passes: list[tuple[int, int]] = []  # (the prompt's length, where the pass ends), in the order they ran
+    read_pass, loop, first_pass = DecodeEngine._read_pass, asyncio.get_running_loop(), asyncio.Event()
+
+    def recording_pass(engine: DecodeEngine, prefill: Any) -> Any:
+        logits = read_pass(engine, prefill)
+        passes.append((len(prefill.request.prompt_ids), prefill.read))
+        loop.call_soon_threadsafe(first_pass.set)
+        return logits
+
+    monkeypatch.setattr(DecodeEngine, "_read_pass", recording_pass)
+    system = " ".join(["You are a careful assistant who answers questions about the weather and the sky."] * 60)
+    long_prompt, short_prompt = prompt(service, QUESTIONS[1], system=system), prompt(service, QUESTIONS[2])
+    uncached = ModelService(service.model, service.tokenizer, name=service.name, context_window=service.context_window)
+    try:
+        long = asyncio.create_task(reply(uncached, long_prompt, GenerationParams(4, 0.0, 1.0)))
+        await first_pass.wait()  # the long prompt is being read
+        short = await reply(uncached, short_prompt, GenerationParams(4, 0.0, 1.0))
+        await long
+    finally:
+        uncached.close()
+    assert short.finished.completion_tokens == 4
+    short_done = passes.index((len(short_prompt.token_ids), len(short_prompt.token_ids)))
+    long_done = passes.index((len(long_prompt.token_ids), len(long_prompt.token_ids)))
+    assert short_done < long_done
+
+
 async def test_a_paced_reply_comes_in_fewer_deltas_and_its_end_cuts_a_pause_short(service: ModelService) -> None:
     """With a delta interval (ChatService asks for CHIPI_STREAM_EVENT_INTERVAL_SECONDS), the tokens of each interval
     come as one delta, the same text in all; the reply's end does not wait for the pause, so even an interval far

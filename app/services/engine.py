@@ -2,9 +2,9 @@
 
 A single engine thread owns the model. Each loop iteration it
 1. reads the prompts of the requests that arrived: each alone, PREFILL_CHUNK_TOKENS a pass, taking turns between
-   them, for up to PREFILL_SLICE_SECONDS while other replies are running (so that a long prompt delays their next
-   token by that much, not by its whole prefill); a prompt read to its end has its first token sampled and sent at
-   once, and its KV cache merged into the running batch;
+   them, for about PREFILL_SLICE_SECONDS (so that a long prompt delays the running replies' next token, and the
+   start of a request that arrives meanwhile, by that much rather than by its whole prefill); a prompt read to its
+   end has its first token sampled and sent at once, and its KV cache merged into the running batch;
 2. drops the rows whose caller cancelled;
 3. runs one decode step for all rows together: one `model(...)` call on a `[rows, 1]` batch of their last tokens,
    then samples each row's next token with that row's own settings, and retires the rows that are done.
@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 # message's first token came in 1.52 instead of 2.2 s through the API on an AMD EPYC with AVX-512, as fast as the
 # same engine without the server's thresholds. 32 tokens a pass took 1.8 s, 256 1.75 s.
 PREFILL_CHUNK_TOKENS = 64
-# While replies are running, the engine reads prompts for about this long between two of their decode steps.
+# The engine reads prompts for about this long between two decode steps of the running replies (and two looks for
+# newly arrived requests).
 PREFILL_SLICE_SECONDS = 0.05
 
 
@@ -298,10 +299,9 @@ class DecodeEngine:
             self._fail([request], exc)
 
     def _read_prompts(self) -> None:
-        """Read the queued prompts a pass at a time, each in turn: all of them when no reply is running, else for
-        about PREFILL_SLICE_SECONDS."""
+        """Read the queued prompts a pass at a time, each in turn, for about PREFILL_SLICE_SECONDS."""
         deadline = time.monotonic() + PREFILL_SLICE_SECONDS
-        while self._prefills and (not self._batch or time.monotonic() < deadline):
+        while self._prefills and time.monotonic() < deadline:
             prefill = self._prefills.popleft()
             request = prefill.request
             if request.cancelled.is_set():

@@ -73,6 +73,8 @@ class _Handover:
         self._tokens_wake = True  # False while the consumer pauses: only a request's last event wakes it then
 
     def put(self, event: EngineEvent) -> None:  # the engine's sink, on its thread
+        if self._loop.is_closed():  # the consumer is gone: the engine counts the request as cancelled
+            raise RuntimeError("the event loop of this request's consumer is closed")
         with self._lock:
             self._events.append(event)
             waiter = self._waiter
