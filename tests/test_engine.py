@@ -244,6 +244,32 @@ async def test_a_request_arriving_while_a_long_prompt_is_read_takes_turns_with_i
     assert short_done < long_done
 
 
+def test_a_reply_whose_event_loop_closed_is_cancelled(service: ModelService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer that is gone without closing its stream (its event loop closed) stops the engine's work for it."""
+    reasons: list[str] = []
+    finish = DecodeEngine._finish
+
+    def recording_finish(engine: DecodeEngine, request: Any, reason: str) -> None:
+        reasons.append(reason)
+        finish(engine, request, reason)
+
+    monkeypatch.setattr(DecodeEngine, "_finish", recording_finish)
+
+    async def first_delta() -> Any:
+        stream = service.stream(prompt(service, QUESTIONS[0]), GenerationParams(4000, 0.0, 1.0), threading.Event())
+        await anext(stream)
+        return stream  # left open
+
+    loop = asyncio.new_event_loop()
+    stream = loop.run_until_complete(first_delta())
+    loop.close()
+    deadline = time.monotonic() + 30
+    while not reasons and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reasons == ["cancelled"]
+    del stream
+
+
 async def test_a_paced_reply_comes_in_fewer_deltas_and_its_end_cuts_a_pause_short(service: ModelService) -> None:
     """With a delta interval (ChatService asks for CHIPI_STREAM_EVENT_INTERVAL_SECONDS), the tokens of each interval
     come as one delta, the same text in all; the reply's end does not wait for the pause, so even an interval far
