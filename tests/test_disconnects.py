@@ -30,7 +30,7 @@ from tests.raw_client import (
     send_and_hang_up,
     websocket_text_frame_header,
 )
-from tests.server import TEST_GRACE_SECONDS, ChipiServer
+from tests.server import LONG_REPLY_TOKENS, TEST_GRACE_SECONDS, ChipiServer
 
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
 SETTLE_SECONDS = 120  # a whole reply takes seconds, but minutes on a loaded 2-core machine
@@ -71,7 +71,15 @@ def logged(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     log = tmp_path_factory.mktemp("disconnects") / "server.log"
     with (
         log.open("wb") as sink,
-        ChipiServer(database_url, stderr=sink, CHIPI_LOG_LEVEL="info", CHIPI_LOG_FORMAT="text") as server,
+        # long replies, as tests/conftest.py's long_reply_server: a reply nobody reads must outlast the grace period
+        # to be cancelled at its end (the test server's 160 tokens took 0.8 s on an AMD EPYC with AVX-512)
+        ChipiServer(
+            database_url,
+            stderr=sink,
+            CHIPI_LOG_LEVEL="info",
+            CHIPI_LOG_FORMAT="text",
+            CHIPI_MAX_NEW_TOKENS=str(LONG_REPLY_TOKENS),
+        ) as server,
     ):
         yield LoggedServer(server, log)
 
