@@ -94,14 +94,14 @@ class _Handover:
                 waiter = self._waiter
             await waiter
 
-    async def pause(self, until: float) -> None:
-        """Wait until loop time `until`, or less if the request's last event comes first."""
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the request's last event comes first."""
         with self._lock:
             if self._events and not isinstance(self._events[-1], int):
                 return
             self._waiter, self._tokens_wake = self._loop.create_future(), False
             waiter = self._waiter
-        timer = self._loop.call_at(until, _resolve, waiter)
+        timer = self._loop.call_later(seconds, _resolve, waiter)
         try:
             await waiter
         finally:
@@ -262,7 +262,6 @@ class ModelService:
             sink=handover.put,
         )
         decoder = _IncrementalDecoder(self.tokenizer)
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 # Everything that came since the last delta: a consumer that paused or fell behind decodes once.
@@ -282,6 +281,6 @@ class ModelService:
                     yield GenerationFinished(end.reason, len(prompt.token_ids), end.completion_tokens)
                     return
                 if text and params.delta_interval_seconds:
-                    await handover.pause(loop.time() + params.delta_interval_seconds)
+                    await handover.pause(params.delta_interval_seconds)
         finally:
             cancelled.set()
