@@ -18,7 +18,8 @@ column in place (`SpareRoomLayer`) instead of copying the whole cache as `Dynami
 
 With a prefix cache (app/services/prefix_cache.py), a new request's prefill starts from the stored keys and values
 of the longest prefix of its prompt that an earlier request fed (the history of a conversation's previous turns), and
-each request that leaves the batch stores its own for the next one.
+each request that leaves the batch stores its own for the next one. A turn that continues its previous turn's entry
+whole appends to that entry's buffers in place instead of copying them.
 
 The cost of a decode step grows far slower than its number of rows, since the weights are read once per step for
 all of them (on the 2-core CPU this was built on: ~35 ms for one row, ~65 ms for eight), which is where the
@@ -292,7 +293,9 @@ class DecodeEngine:
             self._finish(request, "length")
             return
         try:
-            hit = self._prefix_cache.lookup(request.prompt_ids) if self._prefix_cache is not None else None
+            # Chipi's forward can append to a taken entry's buffers in place (_prompt_cache); transformers' copies.
+            take = isinstance(self._model, LlamaForward)
+            hit = self._prefix_cache.lookup(request.prompt_ids, take=take) if self._prefix_cache is not None else None
             self._prefills.append(_Prefill(request, self._prompt_cache(hit), hit.length if hit is not None else 0))
         except Exception as exc:
             logger.exception("prefill failed")
@@ -336,11 +339,14 @@ class DecodeEngine:
         return logits if end == len(prompt_ids) else None
 
     def _prompt_cache(self, hit: PrefixHit | None) -> Any:
-        """Where a prompt's keys and values go: a copy of a prefix cache hit (made once, with room to append the rest
-        of the prompt in place), or an empty cache. Chipi's forward keeps them in its cache dtype
-        (LlamaForward.keep_keys_values_in); transformers' own forward concatenates them in the model's dtype."""
+        """Where a prompt's keys and values go: a prefix cache hit (the taken entry's own buffers, or a copy made
+        once, with room to append the rest of the prompt in place), or an empty cache. Chipi's forward keeps them in
+        its cache dtype (LlamaForward.keep_keys_values_in); transformers' own forward concatenates them in the
+        model's dtype."""
         if isinstance(self._model, LlamaForward):
-            return spare_room_cache(hit.key_values, self._model.cache_dtype) if hit else self._model.new_cache()
+            if hit is None:
+                return self._model.new_cache()
+            return spare_room_cache(hit.key_values, self._model.cache_dtype, in_place=hit.taken)
         if hit:
             return transformers_cache(hit.key_values)
         from transformers.cache_utils import DynamicCache  # transformers' forward runs this model: it is loaded

@@ -25,14 +25,26 @@ class SpareRoomLayer:
     keys: torch.Tensor  # views of the rooms: the `length` tokens held
     values: torch.Tensor
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-        """Holds a copy of `keys` and `values`, in `dtype` if given (what every later token is stored in too)."""
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None, *, in_place: bool = False
+    ) -> None:
+        """Holds a copy of `keys` and `values`, in `dtype` if given (what every later token is stored in too).
+
+        `in_place`: where they are the first columns of rooms nobody else writes into any more (a finished
+        request's, which the prefix cache handed over), holds them where they are and writes the tokens that follow
+        into those rooms' spare columns: a conversation's next turn does not copy the keys and values of its whole
+        history (16 MB at 700 tokens). Tensors that are not such views are copied."""
         super().__init__()  # transformers' DynamicLayer, in the subclass its own forward gets (transformers_cache)
         self.device = keys.device  # this and is_initialized: DynamicLayer's fields, which transformers' forward reads
         self.is_initialized = True
         self.length = keys.shape[2]
-        self._key_room = self._room_for(keys, dtype=dtype)
-        self._value_room = self._room_for(values, dtype=dtype)
+        key_room = _room_of(keys) if in_place and dtype in (None, keys.dtype) else None
+        value_room = _room_of(values) if key_room is not None else None
+        if key_room is not None and value_room is not None:
+            self._key_room, self._value_room = key_room, value_room
+        else:
+            self._key_room = self._room_for(keys, dtype=dtype)
+            self._value_room = self._room_for(values, dtype=dtype)
         self._expose()
 
     def update(
@@ -71,6 +83,19 @@ class SpareRoomLayer:
         return room
 
 
+def _room_of(view: torch.Tensor) -> torch.Tensor | None:
+    """The buffer `[rows, heads, columns, head_dim]` whose first columns `view` is, as a SpareRoomLayer keeps its
+    room; None where `view` is not such a view (a tensor of its own size, or one starting elsewhere in its buffer)."""
+    rows, heads, _, head_dim = view.shape
+    columns = view.stride(1) // head_dim
+    layout = (heads * columns * head_dim, columns * head_dim, head_dim, 1)
+    if view.storage_offset() != 0 or view.stride()[1:] != layout[1:] or (rows > 1 and view.stride(0) != layout[0]):
+        return None
+    if view.untyped_storage().nbytes() < rows * layout[0] * view.element_size():
+        return None
+    return view.as_strided((rows, heads, columns, head_dim), layout)
+
+
 class RoomCache:
     """Per layer, a SpareRoomLayer: the cache Chipi's forward (app/services/llama_forward.py) appends to."""
 
@@ -84,9 +109,10 @@ class RoomCache:
         return self.layers[layer_idx].update(key_states, value_states)
 
 
-def spare_room_cache(key_values: KeyValues, dtype: torch.dtype | None = None) -> RoomCache:
-    """A cache holding a copy of `key_values` (in `dtype` if given), with room for more tokens after them."""
-    return RoomCache([SpareRoomLayer(keys, values, dtype) for keys, values in key_values])
+def spare_room_cache(key_values: KeyValues, dtype: torch.dtype | None = None, *, in_place: bool = False) -> RoomCache:
+    """A cache holding a copy of `key_values` (in `dtype` if given), with room for more tokens after them; with
+    `in_place`, holding them where they are if they are the first columns of rooms (see SpareRoomLayer)."""
+    return RoomCache([SpareRoomLayer(keys, values, dtype, in_place=in_place) for keys, values in key_values])
 
 
 def transformers_cache(key_values: KeyValues) -> Any:

@@ -5,6 +5,8 @@ re-reads the whole history: time to first token grows with the conversation. Whe
 stores the keys and values of every token it fed (prompt and reply); a new prompt starts from the entry sharing its
 longest token prefix and prefills only the rest. Matching on token ids (not text) makes reuse exact: where the chat
 template renders the history differently from what the model generated, the shared prefix simply ends there.
+A prompt that continues an entry whole (the next turn of that conversation) takes it over: the request appends to
+the entry's own buffers, with no copy of the history, and stores the longer entry when it ends.
 
 Entries are evicted least recently used first once their total size passes the budget.
 """
@@ -24,7 +26,8 @@ class PrefixHit:
     """The first `length` tokens of a prompt, already computed."""
 
     length: int
-    key_values: KeyValues  # views of the stored entry, cut to `length`: never write into them
+    key_values: KeyValues  # views of the stored entry, cut to `length`: never write into them, unless `taken`
+    taken: bool = False  # the entry left the cache with this hit: its buffers are the caller's to write after `length`
 
 
 def _bytes(key_values: KeyValues) -> int:
@@ -55,8 +58,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt_ids: list[int]) -> PrefixHit | None:
-        """The longest stored prefix of `prompt_ids`, leaving at least its last token to be fed (for its logits)."""
+    def lookup(self, prompt_ids: list[int], *, take: bool = False) -> PrefixHit | None:
+        """The longest stored prefix of `prompt_ids`, leaving at least its last token to be fed (for its logits).
+
+        With `take`, an entry the prompt continues whole (the next turn of its conversation) leaves the cache with the
+        hit, so that its keys and values need no copy: the entry the request stores when it ends would have replaced
+        it anyway. An entry shared only in part (another branch, or another conversation's opening) stays."""
         if not self._entries or len(prompt_ids) < 2:
             return None
         prompt = torch.tensor(prompt_ids)
@@ -67,9 +74,13 @@ class PrefixCache:
                 best_key, best_length = key, length
         if best_key is None:
             return None
-        self._entries.move_to_end(best_key)
-        _, key_values = self._entries[best_key]
-        return PrefixHit(best_length, [(k[:, :, :best_length], v[:, :, :best_length]) for k, v in key_values])
+        tokens, key_values = self._entries[best_key]
+        taken = take and best_length == tokens.shape[0]
+        if taken:
+            self._drop(best_key)
+        else:
+            self._entries.move_to_end(best_key)
+        return PrefixHit(best_length, [(k[:, :, :best_length], v[:, :, :best_length]) for k, v in key_values], taken)
 
     def store(self, token_ids: list[int], key_values: KeyValues) -> None:
         """Keep `key_values` (owned by the cache from now on: nothing may write into their buffers) for `token_ids`;
