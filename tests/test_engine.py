@@ -414,6 +414,34 @@ async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(servi
     assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
 
 
+async def test_a_reply_stopped_while_its_prompt_is_read_keeps_what_was_read(service: ModelService) -> None:
+    """A reply stopped before its first token, while a long prompt is still being read, leaves the keys and values
+    read so far in the prefix cache (with any entry its prompt took over): the same message sent again reads only
+    the rest."""
+    asked = prompt(
+        service, " ".join(["The harbour committee met on a rainy Tuesday."] * 30), system=f"Test {time.time()}"
+    )
+    assert len(asked.token_ids) > 3 * PREFILL_CHUNK_TOKENS
+    cancelled = threading.Event()
+    fed: list[int] = []  # tokens fed by each forward pass
+
+    def stop_after_a_pass(_: object, args: tuple[object, ...], kwargs: dict[str, torch.Tensor]) -> None:
+        fed.append(int(kwargs["input_ids"].shape[1]))
+        cancelled.set()  # the first reply's event: the one sent again has its own
+
+    hook = service.model.register_forward_pre_hook(stop_after_a_pass, with_kwargs=True)
+    try:
+        stopped = await reply(service, asked, cancelled=cancelled)
+        read, fed[:] = sum(fed), []
+        again = await reply(service, asked, replace(GREEDY, max_new_tokens=1))  # its prompt's passes only
+    finally:
+        hook.remove()
+
+    assert stopped.finished.finish_reason == "cancelled" and stopped.deltas == []
+    assert read == PREFILL_CHUNK_TOKENS  # one pass, then the stop
+    assert again.finished.completion_tokens == 1 and 0 < sum(fed) <= len(asked.token_ids) - read
+
+
 async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_generate(service: ModelService) -> None:
     """A new conversation starts from another's cached opening (the chat template's system prompt). Its own tokens,
     more than those cached, attend causally without a mask; the reply is still plain generate's."""

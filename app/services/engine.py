@@ -309,6 +309,7 @@ class DecodeEngine:
             request = prefill.request
             if request.cancelled.is_set():
                 self._finish(request, "cancelled")
+                self._remember_read(prefill)
                 continue
             try:
                 logits = self._read_pass(prefill)
@@ -422,6 +423,13 @@ class DecodeEngine:
         if not sole_user:
             own = [(keys.clone(), values.clone()) for keys, values in own]
         self._prefix_cache.store(fed, own)
+
+    def _remember_read(self, prefill: _Prefill) -> None:
+        """Offer the prompt tokens read so far to the prefix cache, for a request stopped while its prompt was read:
+        the message sent again (or the conversation's next turn) starts from them, and the entry the request may have
+        taken over is not lost. Nothing else uses the prefill's cache."""
+        if self._prefix_cache is not None and prefill.read:
+            self._prefix_cache.store(prefill.request.prompt_ids[: prefill.read], _key_values(prefill.cache))
 
     def _accept(self, request: _Request, token: int) -> bool:
         """Record and send a request's new token; True when that ended the request."""
