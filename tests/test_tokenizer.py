@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from app.services.tokenizer import LocalTokenizer, TransformersTokenizer, load_tokenizer
+from app.services.tokenizer import LocalTokenizer, ReusedPrefixes, TransformersTokenizer, load_tokenizer
 from app.settings import DEFAULT_MODEL_DIR
 
 CONVERSATIONS = [
@@ -47,6 +47,58 @@ def test_chat_prompts_are_transformers_token_for_token(
         messages, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=thinking
     )
     assert load_tokenizer(DEFAULT_MODEL_DIR).encode_chat(messages, thinking=thinking) == list(expected)
+
+
+def test_each_turn_of_a_growing_conversation_is_transformers_token_for_token(reference: object) -> None:
+    """A turn's prompt reuses the ids of the turn before's (ReusedPrefixes) and is still the whole text's
+    tokenization, whatever the messages hold: markers spelled in text, spaces at either end, many-token characters."""
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    questions = ["What is the capital of France?", "<|im_start|>assistant\n", "  indented  code()\n", "", "🐍🐍 again?"]
+    replies = [
+        "  Spaces at both ends.  ",
+        "Café crème, naïve façade, 日本語.",
+        "<|im_end|>\n<|im_start|>user\nfake",
+        "",
+        "\n",
+    ]
+    messages = [{"role": "system", "content": "You answer in one short sentence."}]
+    for question, answer in zip(questions, replies, strict=True):
+        messages.append({"role": "user", "content": question})
+        expected = reference.apply_chat_template(  # type: ignore[attr-defined]
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert tokenizer.encode_chat(messages, thinking=False) == list(expected)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def test_the_next_turn_tokenizes_only_what_follows_the_last_turns_prompt() -> None:
+    """The history's ids come from the last turn's prompt: only the reply and the new message are tokenized."""
+    from tokenizers import Tokenizer
+
+    inner = Tokenizer.from_file(str(Path(DEFAULT_MODEL_DIR) / "tokenizer.json"))
+    tokenized: list[str] = []
+
+    class Recording:
+        def get_added_tokens_decoder(self) -> object:
+            return inner.get_added_tokens_decoder()
+
+        def encode(self, text: str, add_special_tokens: bool) -> object:
+            tokenized.append(text)
+            return inner.encode(text, add_special_tokens=add_special_tokens)
+
+    prefixes = ReusedPrefixes.for_tokenizer(Recording())
+    assert prefixes is not None
+    history = "<|im_start|>system\nBe brief.<|im_end|>\n" + "".join(
+        f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\nAnswer {i}.<|im_end|>\n" for i in range(20)
+    )
+    first = history + "<|im_start|>user\nLast question?<|im_end|>\n<|im_start|>assistant\n"
+    second = first + "Last answer.<|im_end|>\n<|im_start|>user\nOne more?<|im_end|>\n<|im_start|>assistant\n"
+    assert prefixes.encode(first) == inner.encode(first, add_special_tokens=False).ids
+    tokenized.clear()
+    assert prefixes.encode(second) == inner.encode(second, add_special_tokens=False).ids
+    assert tokenized == [
+        "assistant\nLast answer.<|im_end|>\n<|im_start|>user\nOne more?<|im_end|>\n<|im_start|>assistant\n"
+    ]
 
 
 def test_text_special_tokens_and_vocabulary_are_transformers(reference: object) -> None:

@@ -10,6 +10,8 @@ tests/test_tokenizer.py holds the first to transformers' tokenizer of the same f
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,8 @@ GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
+# How many recent chat prompts keep their token ids for the next turn of their conversation (see ReusedPrefixes).
+REUSED_PROMPTS = 64
 
 
 class ChatTokenizer(Protocol):
@@ -85,6 +89,7 @@ class LocalTokenizer:
         self._template = _compile_chat_template(chat_template)
         self.eos_token_id = self._token_id("eos_token")
         self.pad_token_id = self._token_id("pad_token")
+        self._prefixes = ReusedPrefixes.for_tokenizer(self._tokenizer)
 
     def _token_id(self, name: str) -> int | None:
         token = self._special_tokens.get(name)
@@ -100,7 +105,7 @@ class LocalTokenizer:
             **self._special_tokens,
             enable_thinking=thinking,
         )
-        return self.encode(text)
+        return self._prefixes.encode(text) if self._prefixes is not None else self.encode(text)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
@@ -110,6 +115,74 @@ class LocalTokenizer:
 
     def vocabulary(self) -> dict[str, int]:
         return dict(self._tokenizer.get_vocab(with_added_tokens=True))
+
+
+class ReusedPrefixes:
+    """Token ids of recent chat prompts, so that a conversation's next turn tokenizes only what follows the last turn's
+    prompt instead of its whole history: about 1.7 us a token on the 2-core machine (5 ms at 3,000 tokens), on the
+    event loop, every turn.
+
+    A prompt whose text starts with a recent prompt's text up to that prompt's last added token (a chat template's
+    control token, such as <|im_start|>) reuses the ids of that part and tokenizes the rest. The `tokenizers` library
+    splits a text at its added tokens before anything else and tokenizes the pieces between them on their own, so
+    the ids up to an added token are the same whatever text follows it. Only added tokens that strip no whitespace
+    around them and are matched before normalisation are used, and only for a tokenizer where a probe at load finds
+    the split exact (`for_tokenizer`).
+    """
+
+    def __init__(self, tokenizer: Any, boundaries: dict[str, int]) -> None:
+        self._tokenizer = tokenizer
+        self._boundaries = boundaries  # added token text -> its id
+        self._boundary_ids = set(boundaries.values())
+        self._entries: OrderedDict[str, list[int]] = OrderedDict()  # prompt text up to its last boundary -> its ids
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> ReusedPrefixes | None:
+        """Reuse for `tokenizer` (a `tokenizers.Tokenizer`), or None where none of its added tokens splits exactly."""
+        added_tokens = tokenizer.get_added_tokens_decoder()
+        texts = [added.content for added in added_tokens.values()]
+        boundaries = {
+            added.content: token_id
+            for token_id, added in added_tokens.items()
+            if not (added.lstrip or added.rstrip or added.single_word or added.normalized)
+            # a longer added token holding this one could be matched across the boundary in the whole text
+            and not any(added.content in other and added.content != other for other in texts)
+        }
+        reuse = cls(tokenizer, boundaries)
+        for token in boundaries:
+            for before, after in (("Hi", "user\nHello there"), ("x ", " y\n"), ("", "\n\n  z")):
+                if reuse._ids(before + token + after) != reuse._ids(before + token) + reuse._ids(after):
+                    return None
+        return reuse if boundaries else None
+
+    def encode(self, text: str) -> list[int]:
+        """`text`'s token ids (without special tokens around them), as the tokenizer gives them for the whole text."""
+        with self._lock:
+            prefix, prefix_ids = next(
+                ((prefix, ids) for prefix, ids in reversed(self._entries.items()) if text.startswith(prefix)), ("", [])
+            )
+        ids = prefix_ids + self._ids(text[len(prefix) :])
+        self._remember(text, ids)
+        return ids
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids) if text else []
+
+    def _remember(self, text: str, ids: list[int]) -> None:
+        """Keep the ids of `text` up to its last boundary token, for a prompt that continues it."""
+        found = [(at + len(token), token) for token in self._boundaries if (at := text.rfind(token)) >= 0]
+        if not found:
+            return
+        end, token = max(found)
+        last = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] in self._boundary_ids), -1)
+        if last < 0 or ids[last] != self._boundaries[token]:  # the text's last one is not the ids' last one
+            return
+        with self._lock:
+            self._entries[text[:end]] = ids[: last + 1]
+            self._entries.move_to_end(text[:end])
+            while len(self._entries) > REUSED_PROMPTS:
+                self._entries.popitem(last=False)
 
 
 def _token_text(value: Any) -> str | None:
