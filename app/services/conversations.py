@@ -116,6 +116,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
                 model=model,
             ),
             auto_commit=True,
+            auto_refresh=False,  # every column's default is set in Python: nothing to read back
         )
 
     async def set_model_title(self, conversation_id: UUID, title: str) -> bool:
@@ -294,7 +295,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
                 content=turn.content,
                 status=MessageStatus.COMPLETE.value,
             )
-            await self.messages.add(user_message)
+            await self.messages.add(user_message, auto_refresh=False)  # its columns' defaults are set in Python
         reply = Message(
             conversation_id=conversation.id,
             parent_id=user_message.id,
@@ -302,7 +303,7 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             content="",
             status=MessageStatus.STREAMING.value,
         )
-        await self.messages.add(reply)
+        await self.messages.add(reply, auto_refresh=False)
         if conversation.title_source == TitleSource.DEFAULT.value:
             conversation.title = auto_title(turn.content)
             conversation.title_source = TitleSource.AUTO.value
