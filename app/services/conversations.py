@@ -154,9 +154,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
             created_at=export.created_at,
             updated_at=export.updated_at,
         )
-        await self.repository.add(conversation)
-        for message in ordered:
-            await self.messages.add(
+        await self.repository.add(conversation, auto_refresh=False)
+        await self.messages.add_many(  # one flush for them all, parents before children (the order given)
+            [
                 Message(
                     id=new_ids[message.id],
                     conversation_id=conversation.id,
@@ -171,7 +171,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
                     created_at=message.created_at,
                     updated_at=message.updated_at or message.created_at,
                 )
-            )
+                for message in ordered
+            ]
+        )
         await self.repository.session.commit()
         return conversation
 
