@@ -132,9 +132,8 @@ class ReusedPrefixes:
 
     def __init__(self, tokenizer: Any, boundaries: dict[str, int]) -> None:
         self._tokenizer = tokenizer
-        self._boundaries = boundaries  # added token text -> its id
-        self._boundary_ids = set(boundaries.values())
-        self._entries: OrderedDict[str, list[int]] = OrderedDict()  # prompt text up to its last boundary -> its ids
+        self._boundaries = {token_id: text for text, token_id in boundaries.items()}  # id -> added token text
+        self._entries: OrderedDict[str, list[int]] = OrderedDict()  # a prompt's text up to a boundary -> its ids
         self._lock = threading.Lock()
 
     @classmethod
@@ -152,35 +151,40 @@ class ReusedPrefixes:
         reuse = cls(tokenizer, boundaries)
         for token in boundaries:
             for before, after in (("Hi", "user\nHello there"), ("x ", " y\n"), ("", "\n\n  z")):
-                if reuse._ids(before + token + after) != reuse._ids(before + token) + reuse._ids(after):
+                if reuse.encode(before + token + after, remember=False) != reuse.encode(
+                    before + token, remember=False
+                ) + reuse.encode(after, remember=False):
                     return None
         return reuse if boundaries else None
 
-    def encode(self, text: str) -> list[int]:
-        """`text`'s token ids (without special tokens around them), as the tokenizer gives them for the whole text."""
+    def encode(self, text: str, *, remember: bool = True) -> list[int]:
+        """`text`'s token ids (without special tokens around them), as the tokenizer gives them for the whole text:
+        those of the longest remembered prefix, then the rest's. With `remember`, the ids up to the last boundary
+        token of the rest are kept for a prompt that continues this one."""
         with self._lock:
-            prefix, prefix_ids = next(
-                ((prefix, ids) for prefix, ids in reversed(self._entries.items()) if text.startswith(prefix)), ("", [])
+            prefix, prefix_ids = max(
+                ((prefix, ids) for prefix, ids in self._entries.items() if text.startswith(prefix)),
+                key=lambda entry: len(entry[0]),
+                default=("", []),
             )
-        ids = prefix_ids + self._ids(text[len(prefix) :])
-        self._remember(text, ids)
+            if prefix:
+                self._entries.move_to_end(prefix)
+        if len(text) == len(prefix):
+            return list(prefix_ids)
+        rest = self._tokenizer.encode(text[len(prefix) :], add_special_tokens=False)
+        ids: list[int] = prefix_ids + list(rest.ids)
+        if remember:
+            last = next((i for i in range(len(rest.ids) - 1, -1, -1) if rest.ids[i] in self._boundaries), None)
+            if last is not None:
+                end = len(prefix) + rest.token_to_chars(last)[1]
+                if text[:end].endswith(self._boundaries[rest.ids[last]]):
+                    self._keep(text[:end], ids[: len(prefix_ids) + last + 1])
         return ids
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids) if text else []
-
-    def _remember(self, text: str, ids: list[int]) -> None:
-        """Keep the ids of `text` up to its last boundary token, for a prompt that continues it."""
-        found = [(at + len(token), token) for token in self._boundaries if (at := text.rfind(token)) >= 0]
-        if not found:
-            return
-        end, token = max(found)
-        last = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] in self._boundary_ids), -1)
-        if last < 0 or ids[last] != self._boundaries[token]:  # the text's last one is not the ids' last one
-            return
+    def _keep(self, prefix: str, ids: list[int]) -> None:
         with self._lock:
-            self._entries[text[:end]] = ids[: last + 1]
-            self._entries.move_to_end(text[:end])
+            self._entries[prefix] = ids
+            self._entries.move_to_end(prefix)
             while len(self._entries) > REUSED_PROMPTS:
                 self._entries.popitem(last=False)
 
