@@ -41,7 +41,7 @@ import torch
 
 from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache, transformers_cache
 from app.services.llama_forward import LlamaForward
-from app.services.prefix_cache import PrefixCache, PrefixHit
+from app.services.prefix_cache import PrefixCache
 from app.services.sampling import GENERATE_DEFAULT_TOP_K, Sampler
 
 logger = logging.getLogger(__name__)
@@ -293,10 +293,7 @@ class DecodeEngine:
             self._finish(request, "length")
             return
         try:
-            # Chipi's forward can append to a taken entry's buffers in place (_prompt_cache); transformers' copies.
-            take = isinstance(self._model, LlamaForward)
-            hit = self._prefix_cache.lookup(request.prompt_ids, take=take) if self._prefix_cache is not None else None
-            self._prefills.append(_Prefill(request, self._prompt_cache(hit), hit.length if hit is not None else 0))
+            self._prefills.append(_Prefill(request, *self._prompt_cache(request.prompt_ids)))
         except Exception as exc:
             logger.exception("prefill failed")
             self._fail([request], exc)
@@ -339,20 +336,23 @@ class DecodeEngine:
         prefill.read = end
         return logits if end == len(prompt_ids) else None
 
-    def _prompt_cache(self, hit: PrefixHit | None) -> Any:
-        """Where a prompt's keys and values go: a prefix cache hit (the taken entry's own buffers, or a copy made
-        once, with room to append the rest of the prompt in place), or an empty cache. Chipi's forward keeps them in
-        its cache dtype (LlamaForward.keep_keys_values_in); transformers' own forward concatenates them in the
-        model's dtype."""
-        if isinstance(self._model, LlamaForward):
-            if hit is None:
-                return self._model.new_cache()
-            return spare_room_cache(hit.key_values, self._model.cache_dtype, in_place=hit.taken)
-        if hit:
-            return transformers_cache(hit.key_values)
+    def _prompt_cache(self, prompt_ids: list[int]) -> tuple[Any, int]:
+        """Where a prompt's keys and values go, and how many of its tokens it holds already: the longest prefix the
+        prefix cache has (the entry itself where the prompt continues it whole, else a copy made once, with room to
+        append the rest of the prompt in place), or an empty cache. Chipi's forward keeps them in its cache dtype
+        (LlamaForward.keep_keys_values_in) and appends to a taken entry's buffers; transformers' own forward
+        concatenates them in the model's dtype, so it copies every hit."""
+        chipi_forward = isinstance(self._model, LlamaForward)
+        hit = self._prefix_cache.lookup(prompt_ids, take=chipi_forward) if self._prefix_cache is not None else None
+        if hit is not None:
+            if chipi_forward:
+                return spare_room_cache(hit.key_values, self._model.cache_dtype, in_place=hit.taken), hit.length
+            return transformers_cache(hit.key_values), hit.length
+        if chipi_forward:
+            return self._model.new_cache(), 0
         from transformers.cache_utils import DynamicCache  # transformers' forward runs this model: it is loaded
 
-        return DynamicCache()
+        return DynamicCache(), 0
 
     def _drop_cancelled(self) -> None:
         keep = [not row.cancelled.is_set() for row in self._batch.rows]

@@ -172,12 +172,13 @@ class ReusedPrefixes:
         if len(text) == len(prefix):
             return list(prefix_ids)
         rest = self._tokenizer.encode(text[len(prefix) :], add_special_tokens=False)
-        ids: list[int] = prefix_ids + list(rest.ids)
+        rest_ids: list[int] = rest.ids  # a new list at each access of the property: read once
+        ids = prefix_ids + rest_ids
         if remember:
-            last = next((i for i in range(len(rest.ids) - 1, -1, -1) if rest.ids[i] in self._boundaries), None)
+            last = next((i for i in range(len(rest_ids) - 1, -1, -1) if rest_ids[i] in self._boundaries), None)
             if last is not None:
                 end = len(prefix) + rest.token_to_chars(last)[1]
-                if text[:end].endswith(self._boundaries[rest.ids[last]]):
+                if text.endswith(self._boundaries[rest_ids[last]], 0, end):
                     self._keep(text[:end], ids[: len(prefix_ids) + last + 1])
         return ids
 
