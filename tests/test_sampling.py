@@ -1,4 +1,4 @@
-"""Sampling's steps are transformers' logits processors, so a sampled reply is drawn as `generate` draws it."""
+"""Sampling's steps are transformers' logits processors, so a sampled reply is drawn from `generate`'s distribution."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from app.services.sampling import Sampler, keep_top_k, keep_top_p, penalize_repetition
+from app.services.sampling import Sampler, keep_top_p, penalize_repetition, top_k_candidates
 
 VOCAB = 500
 
@@ -40,10 +40,15 @@ def test_ids_past_the_output_vocabulary_are_not_penalized() -> None:
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 50, VOCAB + 10])
-def test_top_k_is_transformers(top_k: int) -> None:
+def test_top_k_candidates_are_what_transformers_leaves_possible(top_k: int) -> None:
     for seed in range(5):
-        expected = TopKLogitsWarper(top_k)(seen(seed), scores(seed))
-        assert torch.equal(keep_top_k(scores(seed), top_k), expected)
+        expected = TopKLogitsWarper(top_k)(seen(seed), scores(seed))[0].isfinite().nonzero().squeeze(1)
+        assert torch.equal(top_k_candidates(scores(seed)[0], top_k), expected)
+
+
+def test_top_k_candidates_include_ties_with_the_kth() -> None:
+    tied = torch.tensor([0.5, 2.0, 1.0, 3.0, 1.0, -1.0])
+    assert top_k_candidates(tied, 3).tolist() == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("top_p", [0.0, 0.3, 0.9, 1.0])
@@ -53,25 +58,44 @@ def test_top_p_is_transformers(top_p: float) -> None:
         assert torch.equal(keep_top_p(scores(seed), top_p), expected)
 
 
-def test_a_sampled_token_is_drawn_from_generates_distribution() -> None:
-    """With the same generator state, the token drawn is the one drawn from transformers' processed scores."""
-    logits = scores(1)[0]
-    history = seen(1)[0].tolist()
-    processors = [
+def generate_probabilities(
+    logits: torch.Tensor, history: list[int], temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """The next token's probabilities over the whole vocabulary as transformers' processors make them."""
+    processed = logits.unsqueeze(0)
+    for processor in (
         RepetitionPenaltyLogitsProcessor(1.2),
-        TemperatureLogitsWarper(0.7),
-        TopKLogitsWarper(50),
-        TopPLogitsWarper(0.9),
-    ]
-    for draw in range(20):
-        expected_scores = logits.unsqueeze(0)
-        for processor in processors:
-            expected_scores = processor(torch.tensor([history]), expected_scores)
-        expected = torch.multinomial(
-            torch.softmax(expected_scores, dim=-1), 1, generator=torch.Generator().manual_seed(draw)
-        )
-        sampler = Sampler(0.7, 0.9, 50, 1.2, torch.Generator().manual_seed(draw))
-        assert sampler.next_token(logits, history) == int(expected.item())
+        TemperatureLogitsWarper(temperature),
+        TopKLogitsWarper(top_k),
+        TopPLogitsWarper(top_p),
+    ):
+        processed = processor(torch.tensor([history]), processed)
+    return torch.softmax(processed, dim=-1)[0]
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.7, 50, 0.9), (0.2, 50, 0.9), (1.5, 20, 0.5), (0.7, 0, 0.9)]
+)
+def test_the_sampled_distribution_is_generates(temperature: float, top_k: int, top_p: float) -> None:
+    """The sampler draws among its candidates only; they carry every bit of transformers' probability, alike."""
+    for seed in range(5):
+        logits, history = scores(seed)[0], seen(seed)[0].tolist()
+        expected = generate_probabilities(logits, history, temperature, top_k or VOCAB, top_p)
+        ids, probabilities = Sampler(temperature, top_p, top_k, 1.2, None).distribution(logits, history)
+        assert torch.equal(expected.nonzero().squeeze(1), ids[probabilities > 0])
+        torch.testing.assert_close(probabilities, expected[ids], rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_tokens_follow_the_distribution_and_a_seed_repeats_them() -> None:
+    logits, history = scores(3)[0] / 3, seen(3)[0].tolist()  # flatter: a dozen likely tokens
+    expected = generate_probabilities(logits, history, 1.0, 50, 0.95)
+    sampler = Sampler(1.0, 0.95, 50, 1.2, torch.Generator().manual_seed(7))
+    draws = [sampler.next_token(logits, history) for _ in range(4000)]
+    frequencies = torch.bincount(torch.tensor(draws), minlength=VOCAB) / len(draws)
+    assert expected[frequencies > 0].min() > 0  # nothing impossible is drawn
+    assert (frequencies - expected).abs().max() < 0.025  # a few standard errors of 4,000 draws
+    again = Sampler(1.0, 0.95, 50, 1.2, torch.Generator().manual_seed(7))
+    assert [again.next_token(logits, history) for _ in range(200)] == draws[:200]
 
 
 def test_greedy_takes_the_highest_score_after_the_penalty() -> None:

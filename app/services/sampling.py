@@ -4,6 +4,11 @@ Sampling applies the same steps in the same order as `generate`'s logits process
 temperature, top-k and top-p), with the same arithmetic, so that a sampled reply comes from the same distribution
 as a `generate` call's; tests/test_sampling.py holds each step to transformers' own processor. They are written here
 so that serving does not import transformers.
+
+Top-p and the draw run on the top-k candidates only (a few dozen ids) instead of the whole vocabulary: every other id
+is impossible after top-k, so the distribution is the same, but sorting and drawing over the default model's 49,152
+ids took 1.7 ms a token per reply on the 2-core machine (a third of a one-reply decode step, more than an 8-reply
+step's model for 8 replies), the candidates' 0.13 ms.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ def penalize_repetition(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: f
     return padded.scatter(1, seen_ids, picked)[..., : scores.shape[-1]]
 
 
-def keep_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Only the `top_k` highest scores of each row (ties with the k-th included) stay possible."""
+def top_k_candidates(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ids of the `top_k` highest of `scores` `[vocab]` (ties with the k-th included), in id order: the ids that
+    stay possible after transformers' top-k."""
     top_k = min(max(top_k, 1), scores.shape[-1])
-    return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -float("inf"))
+    return (scores >= torch.topk(scores, top_k).values[-1]).nonzero().squeeze(1)
 
 
 def keep_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -66,17 +72,32 @@ class Sampler:
 
     def next_token(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> int:
         """`logits` is this row's `[vocab]` scores; `seen_ids` the prompt and the reply so far."""
-        scores = logits.unsqueeze(0).float()
-        if self.repetition_penalty is not None:
-            seen = torch.tensor([seen_ids], device=logits.device)
-            scores = penalize_repetition(scores, seen, self.repetition_penalty)
+        scores = self._penalized(logits, seen_ids)
         if self.greedy:
-            return int(scores.argmax(dim=-1).item())
+            return int(scores.argmax().item())
+        ids, probabilities = self._distribution(scores)
+        choice = int(torch.multinomial(probabilities, num_samples=1, generator=self.generator).item())
+        return choice if ids is None else int(ids[choice].item())
+
+    def distribution(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids a sampled next token can be and their probabilities; what `next_token` draws from."""
+        ids, probabilities = self._distribution(self._penalized(logits, seen_ids))
+        return (torch.arange(len(probabilities)) if ids is None else ids), probabilities
+
+    def _penalized(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> torch.Tensor:
+        scores = logits.float()
+        if self.repetition_penalty is None:
+            return scores
+        seen = torch.tensor([seen_ids], device=logits.device)
+        return penalize_repetition(scores.unsqueeze(0), seen, self.repetition_penalty)[0]
+
+    def _distribution(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(candidate ids, or None for the whole vocabulary; their probabilities) after temperature, top-k, top-p."""
         if self.temperature is not None:
             scores = scores / self.temperature
-        if self.top_k is not None:
-            scores = keep_top_k(scores, self.top_k)
+        ids = None if self.top_k is None else top_k_candidates(scores, self.top_k)
+        candidates = scores.unsqueeze(0) if ids is None else scores[ids].unsqueeze(0)
         if self.top_p is not None:
-            scores = keep_top_p(scores, self.top_p)
-        probabilities = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probabilities, num_samples=1, generator=self.generator).item())
+            # the same ids survive as among the whole vocabulary's: the others, impossible, add nothing to the sums
+            candidates = keep_top_p(candidates, self.top_p)
+        return ids, torch.softmax(candidates[0], dim=-1)
