@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from app.services.sampling import Sampler, keep_top_p, penalize_repetition, top_k_candidates
+from app.services.sampling import Sampler, keep_top_p, next_tokens, penalize_repetition
 
 VOCAB = 500
 
@@ -39,23 +39,31 @@ def test_ids_past_the_output_vocabulary_are_not_penalized() -> None:
     assert torch.equal(penalize_repetition(scores(0), ids, 1.5), expected)
 
 
+def possible(sampler: Sampler, logits: torch.Tensor) -> list[int]:
+    """The ids `sampler` can draw next, in id order."""
+    ids, probabilities = sampler.distribution(logits, [])
+    return sorted(ids[probabilities > 0].tolist())
+
+
 @pytest.mark.parametrize("top_k", [1, 5, 50, VOCAB + 10])
-def test_top_k_candidates_are_what_transformers_leaves_possible(top_k: int) -> None:
+def test_top_k_leaves_what_transformers_leaves_possible(top_k: int) -> None:
     for seed in range(5):
         expected = TopKLogitsWarper(top_k)(seen(seed), scores(seed))[0].isfinite().nonzero().squeeze(1)
-        assert torch.equal(top_k_candidates(scores(seed)[0], top_k), expected)
+        assert possible(Sampler(1.0, 1.0, top_k, None, None), scores(seed)[0]) == expected.tolist()
 
 
-def test_top_k_candidates_include_ties_with_the_kth() -> None:
+def test_top_k_keeps_ties_with_the_kth() -> None:
     tied = torch.tensor([0.5, 2.0, 1.0, 3.0, 1.0, -1.0])
-    assert top_k_candidates(tied, 3).tolist() == [1, 2, 3, 4]
+    assert possible(Sampler(1.0, 1.0, 3, None, None), tied) == [1, 2, 3, 4]
+    flat = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5])
+    assert possible(Sampler(1.0, 1.0, 2, None, None), flat) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("top_p", [0.0, 0.3, 0.9, 1.0])
 def test_top_p_is_transformers(top_p: float) -> None:
     for seed in range(5):
         expected = TopPLogitsWarper(top_p)(seen(seed), scores(seed))
-        assert torch.equal(keep_top_p(scores(seed), top_p), expected)
+        assert torch.equal(keep_top_p(scores(seed), [top_p]), expected)
 
 
 def generate_probabilities(
@@ -82,7 +90,7 @@ def test_the_sampled_distribution_is_generates(temperature: float, top_k: int, t
         logits, history = scores(seed)[0], seen(seed)[0].tolist()
         expected = generate_probabilities(logits, history, temperature, top_k or VOCAB, top_p)
         ids, probabilities = Sampler(temperature, top_p, top_k, 1.2, None).distribution(logits, history)
-        assert torch.equal(expected.nonzero().squeeze(1), ids[probabilities > 0])
+        assert sorted(ids[probabilities > 0].tolist()) == expected.nonzero().squeeze(1).tolist()
         torch.testing.assert_close(probabilities, expected[ids], rtol=1e-5, atol=1e-7)
 
 
@@ -100,8 +108,24 @@ def test_sampled_tokens_follow_the_distribution_and_a_seed_repeats_them() -> Non
 
 def test_greedy_takes_the_highest_score_after_the_penalty() -> None:
     logits = torch.tensor([1.0, 3.0, 2.9, -1.0])
-    assert Sampler(0.0, 1.0, 50, None, None).plain_argmax
     assert Sampler(0.0, 1.0, 50, None, None).next_token(logits, [1]) == 1
     penalized = Sampler(0.0, 1.0, 50, 1.1, None)
-    assert not penalized.plain_argmax
     assert penalized.next_token(logits, [1]) == 2  # 3.0 / 1.1 < 2.9
+
+
+def test_a_batch_samples_each_row_by_its_own_settings() -> None:
+    """Greedy, penalized, seeded and unseeded rows sampled together get what each gets alone."""
+    logits = torch.cat([scores(seed) for seed in range(4)])
+    histories = [seen(seed)[0].tolist() for seed in range(4)]
+
+    def samplers() -> list[Sampler]:
+        return [
+            Sampler(0.0, 1.0, 50, None, None),
+            Sampler(0.0, 1.0, 50, 1.3, None),
+            Sampler(0.7, 0.9, 50, 1.2, torch.Generator().manual_seed(5)),
+            Sampler(0.3, 0.5, 10, None, torch.Generator().manual_seed(6)),
+        ]
+
+    alone = [sampler.next_token(logits[i], histories[i]) for i, sampler in enumerate(samplers())]
+    assert next_tokens(samplers(), logits, lambda i: histories[i]) == alone
+    assert alone[0] == int(logits[0].argmax())

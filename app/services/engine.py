@@ -42,7 +42,7 @@ import torch
 from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache, transformers_cache
 from app.services.llama_forward import LlamaForward
 from app.services.prefix_cache import PrefixCache
-from app.services.sampling import GENERATE_DEFAULT_TOP_K, Sampler
+from app.services.sampling import GENERATE_DEFAULT_TOP_K, Sampler, next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -376,10 +376,9 @@ class DecodeEngine:
                 position_ids=torch.tensor([[row.cached_tokens] for row in rows], device=device),
                 cache=batch.cache,
             )
-            tokens: list[int] = logits.argmax(dim=-1).tolist()  # one argmax for the greedy rows, the usual case
-            for i, row in enumerate(rows):
-                if not row.sampler.plain_argmax:
-                    tokens[i] = row.sampler.next_token(logits[i], row.prompt_ids + row.generated)
+            tokens = next_tokens(
+                [row.sampler for row in rows], logits, lambda i: rows[i].prompt_ids + rows[i].generated
+            )
         except Exception as exc:
             logger.exception("decode step failed; failing the %d running generations", len(rows))
             self._fail(rows, exc)

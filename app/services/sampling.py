@@ -5,15 +5,15 @@ temperature, top-k and top-p), with the same arithmetic, so that a sampled reply
 as a `generate` call's; tests/test_sampling.py holds each step to transformers' own processor. They are written here
 so that serving does not import transformers.
 
-Top-p and the draw run on the top-k candidates only (a few dozen ids) instead of the whole vocabulary: every other id
-is impossible after top-k, so the distribution is the same, but sorting and drawing over the default model's 49,152
-ids took 1.7 ms a token per reply on the 2-core machine (a third of a one-reply decode step, more than an 8-reply
-step's model for 8 replies), the candidates' 0.13 ms.
+Top-p and the draw run on each row's top-k candidates only (a few dozen ids) instead of the whole vocabulary: every
+other id is impossible after top-k, so the distribution is the same, but sorting and drawing over the default model's
+49,152 ids took 1.7 ms a token per reply on the 2-core machine (a third of a one-reply decode step; for 8 replies
+more than their step's model). A decode step's rows are sampled together (`next_tokens`), a few operations for all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,24 +31,19 @@ def penalize_repetition(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: f
     return padded.scatter(1, seen_ids, picked)[..., : scores.shape[-1]]
 
 
-def top_k_candidates(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The ids of the `top_k` highest of `scores` `[vocab]` (ties with the k-th included), in id order: the ids that
-    stay possible after transformers' top-k."""
-    top_k = min(max(top_k, 1), scores.shape[-1])
-    return (scores >= torch.topk(scores, top_k).values[-1]).nonzero().squeeze(1)
-
-
-def keep_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Only the most likely tokens whose probabilities add up to `top_p` stay possible (at least the likeliest)."""
+def keep_top_p(scores: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
+    """Only the most likely tokens whose probabilities add up to `top_p[row]` stay possible in each row of `scores`
+    `[rows, ids]` (at least the likeliest)."""
     ascending, order = torch.sort(scores, descending=False)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    dropped = cumulative <= (1 - top_p)
+    # 1 - top_p in Python's double precision, as transformers computes it, then rounded to the scores' float32
+    dropped = cumulative <= torch.tensor([[1 - p] for p in top_p], dtype=cumulative.dtype, device=cumulative.device)
     dropped[..., -1:] = False
     return scores.masked_fill(dropped.scatter(1, order, dropped), -float("inf"))
 
 
 class Sampler:
-    """Picks one row's next token with that request's settings (temperature 0 is greedy)."""
+    """One request's sampling settings (temperature 0 is greedy) and its generator."""
 
     def __init__(
         self,
@@ -65,39 +60,80 @@ class Sampler:
         self.top_k = top_k if not self.greedy and top_k > 0 else None
         self.top_p = max(top_p, 0.0) if not self.greedy and top_p < 1.0 else None
 
-    @property
-    def plain_argmax(self) -> bool:
-        """True when the next token is just the highest logit, so a whole batch can share one argmax."""
-        return self.greedy and self.repetition_penalty is None
-
     def next_token(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> int:
         """`logits` is this row's `[vocab]` scores; `seen_ids` the prompt and the reply so far."""
-        scores = self._penalized(logits, seen_ids)
-        if self.greedy:
-            return int(scores.argmax().item())
-        ids, probabilities = self._distribution(scores)
-        choice = int(torch.multinomial(probabilities, num_samples=1, generator=self.generator).item())
-        return choice if ids is None else int(ids[choice].item())
+        return next_tokens([self], logits.unsqueeze(0), lambda _: seen_ids)[0]
 
     def distribution(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ids a sampled next token can be and their probabilities; what `next_token` draws from."""
-        ids, probabilities = self._distribution(self._penalized(logits, seen_ids))
-        return (torch.arange(len(probabilities)) if ids is None else ids), probabilities
+        """The ids a sampled next token can be and their probabilities (zero for some): what `next_token` draws
+        from."""
+        ids, probabilities = _candidates([self], _penalized([self], logits.unsqueeze(0), lambda _: seen_ids))
+        return ids[0], probabilities[0]
 
-    def _penalized(self, logits: torch.Tensor, seen_ids: Sequence[int]) -> torch.Tensor:
-        scores = logits.float()
-        if self.repetition_penalty is None:
-            return scores
-        seen = torch.tensor([seen_ids], device=logits.device)
-        return penalize_repetition(scores.unsqueeze(0), seen, self.repetition_penalty)[0]
 
-    def _distribution(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(candidate ids, or None for the whole vocabulary; their probabilities) after temperature, top-k, top-p."""
-        if self.temperature is not None:
-            scores = scores / self.temperature
-        ids = None if self.top_k is None else top_k_candidates(scores, self.top_k)
-        candidates = scores.unsqueeze(0) if ids is None else scores[ids].unsqueeze(0)
-        if self.top_p is not None:
-            # the same ids survive as among the whole vocabulary's: the others, impossible, add nothing to the sums
-            candidates = keep_top_p(candidates, self.top_p)
-        return ids, torch.softmax(candidates[0], dim=-1)
+def next_tokens(
+    samplers: Sequence[Sampler], logits: torch.Tensor, seen_ids: Callable[[int], Sequence[int]]
+) -> list[int]:
+    """Each row's next token from `logits` `[rows, vocab]`, row i by `samplers[i]`; `seen_ids(i)` is row i's prompt
+    and reply so far (asked only of rows with a repetition penalty)."""
+    scores = _penalized(samplers, logits, seen_ids)
+    sampled = [i for i, sampler in enumerate(samplers) if not sampler.greedy]
+    if len(sampled) < len(samplers):
+        tokens: list[int] = scores.argmax(dim=-1).tolist()
+    else:
+        tokens = [0] * len(samplers)
+    if not sampled:
+        return tokens
+    rows = [samplers[i] for i in sampled]
+    ids, probabilities = _candidates(rows, scores if len(sampled) == len(samplers) else scores[sampled])
+    choices = torch.empty(len(rows), 1, dtype=torch.long)
+    unseeded = [i for i, sampler in enumerate(rows) if sampler.generator is None]
+    if unseeded:  # one draw for the rows that use torch's global generator
+        choices[unseeded] = torch.multinomial(probabilities[unseeded], num_samples=1)
+    for i, sampler in enumerate(rows):
+        if sampler.generator is not None:
+            choices[i] = torch.multinomial(probabilities[i], num_samples=1, generator=sampler.generator)
+    for i, token in zip(sampled, ids.gather(1, choices)[:, 0].tolist(), strict=True):
+        tokens[i] = token
+    return tokens
+
+
+def _penalized(
+    samplers: Sequence[Sampler], logits: torch.Tensor, seen_ids: Callable[[int], Sequence[int]]
+) -> torch.Tensor:
+    """`logits` as float32 scores, with each row's repetition penalty applied (a copy where there is one)."""
+    scores = logits.float()
+    penalized = [i for i, sampler in enumerate(samplers) if sampler.repetition_penalty is not None]
+    if penalized:
+        scores = scores.clone()
+    for i in penalized:
+        seen = torch.tensor([seen_ids(i)], device=logits.device)
+        scores[i] = penalize_repetition(scores[i : i + 1], seen, samplers[i].repetition_penalty)[0]  # type: ignore[arg-type]
+    return scores
+
+
+def _candidates(samplers: Sequence[Sampler], scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sampled row's candidate ids `[rows, width]` and their probabilities after temperature, top-k (the ids
+    whose score is at least the k-th highest, ties included; all of them without a top-k) and top-p: ids past a
+    row's own candidates have probability zero."""
+    vocab = scores.shape[-1]
+    temperatures = [[sampler.temperature or 1.0] for sampler in samplers]  # x / 1.0 is x
+    if any(sampler.temperature is not None for sampler in samplers):
+        scores = scores / torch.tensor(temperatures, device=scores.device)  # the same floats as dividing by each
+    top_k = torch.tensor([min(max(sampler.top_k or vocab, 1), vocab) for sampler in samplers], device=scores.device)
+    # The widest row's k highest and one more (sorted, highest first), which tells whether a row's k-th has ties
+    # past it; those (rare) need every score compared with the k-th.
+    width = min(int(top_k.max()) + 1, vocab)
+    values, ids = torch.topk(scores, width)
+    kth = values.gather(1, top_k[:, None] - 1)
+    counts = top_k  # of candidates: the ids scoring at least the k-th highest
+    if bool(((values.gather(1, top_k[:, None].clamp(max=width - 1)) == kth)[:, 0] & (top_k < width)).any()):
+        counts = (scores >= kth).sum(dim=1)
+        if int(counts.max()) > width:
+            width = int(counts.max())
+            values, ids = torch.topk(scores, width)
+    values = values.masked_fill(torch.arange(width, device=scores.device) >= counts[:, None], -float("inf"))
+    if any(sampler.top_p is not None for sampler in samplers):
+        # A row without top-p keeps every candidate as top_p=1 does: only ids of probability zero are dropped.
+        values = keep_top_p(values, [1.0 if sampler.top_p is None else sampler.top_p for sampler in samplers])
+    return ids, torch.softmax(values, dim=-1)
