@@ -86,14 +86,8 @@ def next_tokens(
         return tokens
     rows = [samplers[i] for i in sampled]
     ids, probabilities = _candidates(rows, scores if len(sampled) == len(samplers) else scores[sampled])
-    choices = torch.empty(len(rows), 1, dtype=torch.long)
-    unseeded = [i for i, sampler in enumerate(rows) if sampler.generator is None]
-    if unseeded:  # one draw for the rows that use torch's global generator
-        choices[unseeded] = torch.multinomial(probabilities[unseeded], num_samples=1)
-    for i, sampler in enumerate(rows):
-        if sampler.generator is not None:
-            choices[i] = torch.multinomial(probabilities[i], num_samples=1, generator=sampler.generator)
-    for i, token in zip(sampled, ids.gather(1, choices)[:, 0].tolist(), strict=True):
+    choices = _draw(rows, ids, probabilities)
+    for i, token in zip(sampled, ids.gather(1, choices).squeeze(1).tolist(), strict=True):
         tokens[i] = token
     return tokens
 
@@ -137,3 +131,41 @@ def _candidates(samplers: Sequence[Sampler], scores: torch.Tensor) -> tuple[torc
         # A row without top-p keeps every candidate as top_p=1 does: only ids of probability zero are dropped.
         values = keep_top_p(values, [1.0 if sampler.top_p is None else sampler.top_p for sampler in samplers])
     return ids, torch.softmax(values, dim=-1)
+
+
+def _draw(samplers: Sequence[Sampler], ids: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """One draw per row among its candidates `ids` `[rows, width]`: the candidate of the highest probability over
+    an exponential number of its own (which picks each with its probability), as torch.multinomial draws one sample.
+
+    Each id's number comes from the id and one key per row and token drawn from the row's generator (torch's global
+    one for the unseeded rows), not from the candidate's place: scores a rounding apart (a prompt read from the prefix
+    cache instead of whole) can sort nearly equal candidates the other way round, and a seeded reply must not change
+    with that; it changes only where two candidates' ratios are that close."""
+    keys = torch.empty(len(samplers), 1, dtype=torch.long)
+    unseeded = [i for i, sampler in enumerate(samplers) if sampler.generator is None]
+    if unseeded:
+        keys[unseeded] = torch.randint(0, 2**62, (len(unseeded), 1))
+    for i, sampler in enumerate(samplers):
+        if sampler.generator is not None:
+            keys[i] = torch.randint(0, 2**62, (1,), generator=sampler.generator)
+    exponential = -torch.log(_uniform(keys, ids))
+    return (probabilities.double() / exponential).argmax(dim=1, keepdim=True)
+
+
+# splitmix64's constants, as signed 64-bit integers (torch's int64 products wrap around as unsigned ones do)
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+_MIX = (0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
+
+
+def _uniform(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A number in (0, 1) for each id and its row's key, uniformly spread: splitmix64's output for key + id."""
+    z = keys + ids * _GOLDEN_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _MIX[0]
+    z = (z ^ _shift_right(z, 27)) * _MIX[1]
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 11).double() + 0.5) / 2**53
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical (unsigned) right shift of int64 values; torch's `>>` copies the sign bit in."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
