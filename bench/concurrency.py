@@ -1,8 +1,9 @@
 """Aggregate decode speed of concurrent replies, in-process, through ModelService.stream.
 
-    python -m bench.concurrency [--rounds 2] [--max-tokens 128] [--streams 1,2,4,8]
+    python -m bench.concurrency [--rounds 2] [--max-tokens 128] [--streams 1,2,4,8] [--temperature 0 --top-p 1]
 
-Prints one table: for N streams started together (greedy, the same prompt set every time), the tokens all of
+Prints one table: for N streams started together (greedy unless --temperature says otherwise; the same prompt set
+every time), the tokens all of
 them produced per second of wall time, as a ratio to the single-stream figure of this same run, and the time to
 first token (median and max over the streams). A plain `model.generate` of the first prompt is measured alongside,
 interleaved with the rounds, as the reference a lone request must keep up with (before the batched engine, a
@@ -56,10 +57,10 @@ class Round:
         return self.tokens / self.seconds
 
 
-async def one_stream(model: ModelService, prompt: Prompt, max_tokens: int) -> StreamRun:
+async def one_stream(model: ModelService, prompt: Prompt, params: GenerationParams) -> StreamRun:
     started = time.perf_counter()
     first_token: float | None = None
-    async for output in model.stream(prompt, GenerationParams(max_tokens, 0.0, 1.0), threading.Event()):
+    async for output in model.stream(prompt, params, threading.Event()):
         if isinstance(output, TextDelta) and first_token is None:
             first_token = time.perf_counter() - started
         elif isinstance(output, GenerationFinished):
@@ -67,9 +68,10 @@ async def one_stream(model: ModelService, prompt: Prompt, max_tokens: int) -> St
     raise RuntimeError("the stream ended without GenerationFinished")
 
 
-async def one_round(model: ModelService, prompts: list[Prompt], streams: int, max_tokens: int) -> Round:
+async def one_round(model: ModelService, prompts: list[Prompt], streams: int, params: GenerationParams) -> Round:
+    """`streams` replies started together, each to its own prompt of `prompts`."""
     started = time.perf_counter()
-    runs = await asyncio.gather(*(one_stream(model, prompts[i % len(prompts)], max_tokens) for i in range(streams)))
+    runs = await asyncio.gather(*(one_stream(model, prompts[i % len(prompts)], params) for i in range(streams)))
     return Round(sum(r.tokens for r in runs), time.perf_counter() - started, [r.first_token_seconds for r in runs])
 
 
@@ -85,7 +87,8 @@ async def measure(args: argparse.Namespace) -> None:
     model = ModelService.load(settings)
     prompts = [model.build_prompt(None, [ChatTurn("user", text)], args.max_tokens) for text in PROMPTS]
     sizes = [int(size) for size in args.streams.split(",")]
-    await one_round(model, prompts, max(sizes), 8)  # warm-up
+    params = GenerationParams(args.max_tokens, args.temperature, args.top_p)
+    await one_round(model, prompts, max(sizes), GenerationParams(8, args.temperature, args.top_p))  # warm-up
     plain_generate_rate(model, prompts[0], 8)
 
     rounds: dict[int, list[Round]] = {size: [] for size in sizes}
@@ -93,15 +96,16 @@ async def measure(args: argparse.Namespace) -> None:
     for _ in range(args.rounds):
         generate_rates.append(plain_generate_rate(model, prompts[0], args.max_tokens))
         for size in sizes:
-            rounds[size].append(await one_round(model, prompts, size, args.max_tokens))
+            rounds[size].append(await one_round(model, prompts, size, params))
     model.close()
 
     rate = {size: statistics.median(r.tokens_per_second for r in runs) for size, runs in rounds.items()}
     base = rate[sizes[0]]
     generate_rate = statistics.median(generate_rates)
+    decoding = "greedy" if args.temperature <= 0 else f"temperature {args.temperature}, top-p {args.top_p}"
     print(
         f"\nChipi concurrent decoding ({torch.get_num_threads()} torch threads, {model.device}, {settings.model}; "
-        f"greedy, up to {args.max_tokens} tokens per stream, median of {args.rounds} rounds)"
+        f"{decoding}, up to {args.max_tokens} tokens per stream, median of {args.rounds} rounds)"
     )
     print(
         f"  {'streams':>7}  {'tokens':>6}  {'tokens/s':>8}  {'ratio':>6}  {'x generate':>10}"
@@ -125,6 +129,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--streams", default="1,2,4,8", help="comma-separated stream counts; the first is the base")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; the server's default is 0.2")
+    parser.add_argument("--top-p", type=float, default=1.0, help="the server's default is 0.9")
     asyncio.run(measure(parser.parse_args()))
 
 

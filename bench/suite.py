@@ -11,6 +11,8 @@ Every figure that compares is measured side by side in this run, so the ratios h
   growing conversation (medians over --conversations conversations: a single turn's time swings by half with
   the machine's noise);
 - aggregate tokens/s for 1, 4 and 8 concurrent streams (medians over --runs rounds that alternate the levels);
+- the same engine in-process for 1 and 8 streams, greedy and sampled as the server samples by default
+  (CHIPI_TEMPERATURE, CHIPI_TOP_P; the API figures above are greedy), rounds alternating;
 - HTTP requests/s and p50/p99 latency of list and get (a conversation of 100 messages) on PostgreSQL, under a
   concurrent load generator running on the same machine (bench/http_load.py: lean, but it and PostgreSQL still take
   CPU from the server, so the figures are a floor);
@@ -42,7 +44,7 @@ from app.assets import ensure_default_model
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
 from app.services.model import ModelService
 from app.settings import Settings
-from bench import http_load, llama_cpp
+from bench import concurrency, http_load, llama_cpp
 from bench.api_concurrency import level
 from bench.client import StreamedReply, stream_reply
 from bench.report import print_table
@@ -73,6 +75,32 @@ async def in_process_reply(model: ModelService, prompt: Prompt, max_tokens: int)
             return output.completion_tokens, time.perf_counter() - started
         assert isinstance(output, TextDelta)
     raise RuntimeError("the stream ended without GenerationFinished")
+
+
+async def sampling_rows(model: ModelService, settings: Settings, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """1 and 8 in-process streams, greedy and at the server's default sampling, rounds alternating (medians)."""
+    prompts = [model.build_prompt(None, [ChatTurn("user", text)], args.max_tokens) for text in concurrency.PROMPTS]
+    decodings = {
+        "greedy": GenerationParams(args.max_tokens, 0.0, 1.0),
+        f"sampled (temperature {settings.temperature}, top-p {settings.top_p})": GenerationParams(
+            args.max_tokens, settings.temperature, settings.top_p
+        ),
+    }
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.runs):
+        for name, params in decodings.items():
+            for streams in (1, 8):
+                round_ = await concurrency.one_round(model, prompts, streams, params)
+                rates.setdefault((name, streams), []).append(round_.tokens_per_second)
+    rate = {key: statistics.median(values) for key, values in rates.items()}
+    greedy = next(iter(decodings))
+    rows = []
+    for name in decodings:
+        figures = f"{rate[name, 1]:.1f} / {rate[name, 8]:.1f} ({rate[name, 8] / rate[name, 1]:.2f}x)"
+        if name != greedy:
+            figures += f"; {rate[name, 1] / rate[greedy, 1]:.2f}x / {rate[name, 8] / rate[greedy, 8]:.2f}x greedy"
+        rows.append((f"in-process, {name}: 1 / 8 streams, tokens/s", figures))
+    return rows
 
 
 # -- HTTP load on PostgreSQL --------------------------------------------------------------------------------------
@@ -229,6 +257,7 @@ def main() -> None:
             rows.append(("process start to ready (models converted)", f"{time.perf_counter() - started:.1f} s"))
             try:
                 rows += asyncio.run(api_rows(server, model, args))
+                rows += asyncio.run(sampling_rows(model, settings, args))
                 assert server.process is not None
                 peak = peak_rss_mb(server.process.pid)
                 rows.append(("server peak resident memory (LLM, whisper, voice)", f"{peak:.0f} MB"))
