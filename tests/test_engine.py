@@ -320,6 +320,30 @@ async def test_a_request_joins_a_running_batch(service: ModelService, batch_size
     assert joined.finished.finish_reason == "length" and joined.finished.completion_tokens == 24
 
 
+async def test_a_row_ending_mid_batch_and_a_longer_prompt_joining_leave_every_reply_intact(
+    service: ModelService, batch_sizes: list[int]
+) -> None:
+    """The middle row ends first and the last row takes its place; then a prompt longer than the batch's columns
+    joins, which moves every row behind more padding: each reply is still its solo run."""
+    first, middle, last = (prompt(service, question) for question in QUESTIONS[:3])
+    joining = prompt(service, QUESTIONS[3], system="You are a patient historian who answers carefully. " * 8)
+    long = GenerationParams(64, 0.0, 1.0)
+    running = asyncio.create_task(reply(service, first, long))
+    ending = asyncio.create_task(reply(service, middle, GenerationParams(6, 0.0, 1.0)))
+    running = [running, asyncio.create_task(reply(service, last, long))]
+    ended = await ending
+    assert not any(task.done() for task in running)
+    joined = await reply(service, joining, GenerationParams(24, 0.0, 1.0))
+    assert not all(task.done() for task in running)  # it joined rows still running
+    earlier, later = await asyncio.gather(*running)
+
+    assert 3 in batch_sizes and len(joining.token_ids) > len(first.token_ids) + 6
+    assert ended.text == decode(service, generate_ids(service, middle, 6))
+    assert joined.text.startswith(decode(service, generate_ids(service, joining, 24)[:16]))
+    for got, p in ((earlier, first), (later, last)):
+        assert got.text.startswith(decode(service, generate_ids(service, p, EXACT_PREFIX_TOKENS)))
+
+
 async def test_cancelling_one_reply_leaves_the_others_intact(service: ModelService, batch_sizes: list[int]) -> None:
     prompts = [prompt(service, question) for question in QUESTIONS[:3]]
     long = GenerationParams(64, 0.0, 1.0)

@@ -12,9 +12,11 @@ A single engine thread owns the model. Each loop iteration it
 The running batch is one KV cache whose per-layer key/value tensors hold every row, left-padded to a common
 length, with an attention mask that hides the padding and explicit position ids so that padding never shifts a
 row's positions. Left padding means every row appends its next token in the same column, so one forward serves
-them all. Rows join by concatenation along the batch dimension and leave by `index_select`; columns that only ever
-held padding for the rows still present are trimmed away. Between joins and leaves, each step writes its new
-column in place (`SpareRoomLayer`) instead of copying the whole cache as `DynamicCache` does.
+them all. The cache's buffers (`SpareRoomLayer`) keep room for more columns and rows: each step writes its new
+column in place instead of copying the whole cache as `DynamicCache` does, a joining row is written into the next
+free row (behind padding up to the batch's length; a prompt longer than that moves every row behind more), a
+leaving row's place is taken by the last row, and columns that only hold padding for the rows still present are
+dropped by moving the buffers' start.
 
 With a prefix cache (app/services/prefix_cache.py), a new request's prefill starts from the stored keys and values
 of the longest prefix of its prompt that an earlier request fed (the history of a conversation's previous turns), and
@@ -121,55 +123,53 @@ class _Batch:
         return len(self.rows)
 
     def add(self, request: _Request, prefilled: Any) -> None:
-        """Merge a freshly prefilled request (a one-row cache) into the batch, left-padding the shorter side."""
+        """Merge a freshly prefilled request (a one-row cache) into the batch as its last row, left-padding the
+        shorter side."""
         new = _key_values(prefilled)
-        row_mask = torch.ones(1, new[0][0].shape[2], dtype=torch.long, device=new[0][0].device)
+        tokens = new[0][0].shape[2]
+        row_mask = torch.ones(1, tokens, dtype=torch.long, device=new[0][0].device)
         if self.cache is None:
             self.rows, self.mask = [request], row_mask
             if all(isinstance(layer, SpareRoomLayer) for layer in prefilled.layers):
                 self.cache = prefilled  # already has room to grow: no need to copy it
             else:
-                self._hold(new)
+                self.cache = self._room_cache(new)
             return
-        width = max(self.mask.shape[1], row_mask.shape[1])
-        mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(row_mask, width, dim=1)])
-        merged = [
-            (
-                torch.cat([_left_pad(keys, width, dim=2), _left_pad(new_keys, width, dim=2)]),
-                torch.cat([_left_pad(values, width, dim=2), _left_pad(new_values, width, dim=2)]),
-            )
-            for (keys, values), (new_keys, new_values) in zip(_key_values(self.cache), new, strict=True)
-        ]
-        self._hold(merged)
+        width = max(self.mask.shape[1], tokens)
+        if width > self.mask.shape[1]:  # a prompt longer than the batch: every row gets padding in front
+            for layer in self.cache.layers:
+                layer.widen(width)
+        for layer, (keys, values) in zip(self.cache.layers, new, strict=True):
+            layer.add_row(keys, values)
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(row_mask, width, dim=1)])
         self.rows.append(request)
-        self.mask = mask
 
     def keep(self, keep: list[bool]) -> None:
-        """Drop the rows marked False, then the leading columns that are padding in every remaining row."""
+        """Drop the rows marked False (the last rows take their places), then the leading columns that are padding
+        in every remaining row."""
         if all(keep):
             return
         if not any(keep) or self.cache is None:
             self.clear()
             return
-        index = torch.tensor([i for i, kept in enumerate(keep) if kept], device=self.mask.device)
-        self.rows = [row for row, kept in zip(self.rows, keep, strict=True) if kept]
-        self.mask = self.mask.index_select(0, index)
+        kept = [i for i, (_, kept) in enumerate(zip(self.rows, keep, strict=True)) if kept]
+        order = list(range(len(kept)))
+        # each dropped row among the first len(kept) is replaced by a kept row from beyond them
+        for hole, last in zip([i for i in order if not keep[i]], [i for i in kept if i >= len(kept)], strict=True):
+            order[hole] = last
+        self.rows = [self.rows[i] for i in order]
+        self.mask = self.mask[order]
         first_real = int(self.mask.any(dim=0).long().argmax().item())  # every row has a real token somewhere
         self.mask = self.mask[:, first_real:]
-        self._hold(
-            [
-                (keys.index_select(0, index)[:, :, first_real:], values.index_select(0, index)[:, :, first_real:])
-                for keys, values in _key_values(self.cache)
-            ]
-        )
+        for layer in self.cache.layers:
+            layer.keep_rows(order)
+            if first_real:
+                layer.drop_leading(first_real)
 
     def row_key_values(self, index: int) -> KeyValues:
         """Row `index`'s keys and values, padding included (its real tokens are the last columns)."""
         assert self.cache is not None
         return [(keys[index : index + 1], values[index : index + 1]) for keys, values in _key_values(self.cache)]
-
-    def _hold(self, key_values: KeyValues) -> None:
-        self.cache = self._room_cache(key_values)
 
 
 def _key_values(cache: Any) -> KeyValues:
@@ -412,14 +412,16 @@ class DecodeEngine:
         """Offer the keys and values of every token `request` fed (its prompt and reply) to the prefix cache.
 
         `sole_user`: nothing will read or write these buffers any more (the request's own cache, or the last row of
-        a batch about to be cleared), so the cache keeps them as they are. Otherwise it gets a copy: it must not pin
-        the batch's buffers (every row's), nor see them change. Copying a long conversation's keys and values (about
-        60 MB at 1,300 tokens) delayed the next turn, which arrives as this one ends."""
+        a batch about to be cleared), so the cache keeps them as they are, unless they hold room for other rows (the
+        last row of a batch that had several). Otherwise it gets a copy: it must not pin the batch's buffers (every
+        row's), nor see them change. Copying a long conversation's keys and values (about 60 MB at 1,300 tokens)
+        delayed the next turn, which arrives as this one ends."""
         if self._prefix_cache is None:
             return
         fed = (request.prompt_ids + request.generated)[: request.cached_tokens]
         own = [(keys[:, :, -len(fed) :], values[:, :, -len(fed) :]) for keys, values in key_values]
-        if not sole_user:
+        keys = own[0][0]
+        if not sole_user or keys.untyped_storage().nbytes() > keys.stride(0) * keys.element_size():
             own = [(keys.clone(), values.clone()) for keys, values in own]
         self._prefix_cache.store(fed, own)
 
