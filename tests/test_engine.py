@@ -344,6 +344,33 @@ async def test_a_row_ending_mid_batch_and_a_longer_prompt_joining_leave_every_re
         assert got.text.startswith(decode(service, generate_ids(service, p, EXACT_PREFIX_TOKENS)))
 
 
+async def test_a_prompt_cached_but_for_its_last_token_joins_the_running_batch_without_a_pass_of_its_own(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running_prompt, repeated_prompt = prompt(service, QUESTIONS[0]), prompt(service, QUESTIONS[2])
+    await reply(service, repeated_prompt, GenerationParams(4, 0.0, 1.0))  # the prompt is now in the prefix cache
+    passes: list[int] = []  # tokens fed by each pass of prompt reading
+    read_pass = DecodeEngine._read_pass
+
+    def counting_pass(engine: DecodeEngine, prefill: Any) -> Any:
+        passes.append(min(PREFILL_CHUNK_TOKENS, len(prefill.request.prompt_ids) - prefill.read))
+        return read_pass(engine, prefill)
+
+    monkeypatch.setattr(DecodeEngine, "_read_pass", counting_pass)
+    progress: asyncio.Queue[int] = asyncio.Queue()
+    running = asyncio.create_task(reply(service, running_prompt, GenerationParams(64, 0.0, 1.0), progress=progress))
+    while await progress.get() < 5:
+        pass
+    passes.clear()
+
+    repeated = await reply(service, repeated_prompt, GenerationParams(24, 0.0, 1.0))
+
+    assert not running.done() and passes == []  # it joined the batch's steps with its last prompt token
+    assert repeated.finished.prompt_tokens == len(repeated_prompt.token_ids)
+    assert repeated.text.startswith(decode(service, generate_ids(service, repeated_prompt, EXACT_PREFIX_TOKENS)[:24]))
+    assert (await running).text.startswith(decode(service, generate_ids(service, running_prompt, EXACT_PREFIX_TOKENS)))
+
+
 async def test_cancelling_one_reply_leaves_the_others_intact(service: ModelService, batch_sizes: list[int]) -> None:
     prompts = [prompt(service, question) for question in QUESTIONS[:3]]
     long = GenerationParams(64, 0.0, 1.0)

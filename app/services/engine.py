@@ -85,6 +85,12 @@ class _Request:
     generated: list[int] = field(default_factory=list)
 
     @property
+    def next_input(self) -> int:
+        """The token the next decode step feeds: the last one sampled, or the prompt's last where none was yet (a
+        request that joined the batch with only that token of its prompt left to read)."""
+        return self.generated[-1] if self.generated else self.prompt_ids[-1]
+
+    @property
     def cached_tokens(self) -> int:
         """Real (unpadded) tokens of this request in the KV cache: all but the last sampled token, not yet fed."""
         return len(self.prompt_ids) + len(self.generated) - 1
@@ -309,6 +315,12 @@ class DecodeEngine:
                 self._remember_read(prefill)
                 continue
             try:
+                if self._batch and prefill.read == len(request.prompt_ids) - 1 >= 1:
+                    # Only the prompt's last token is left to read (the rest came from the prefix cache): the batch's
+                    # next step feeds it and samples the first token, instead of a pass of its own that every running
+                    # row would wait for.
+                    self._batch.add(request, prefill.cache)
+                    continue
                 logits = self._read_pass(prefill)
                 if logits is None:
                     self._prefills.append(prefill)  # more to read: after the others' next pass
@@ -371,7 +383,7 @@ class DecodeEngine:
         batch.mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=torch.long, device=device)], dim=1)
         try:
             logits = self._logits(
-                input_ids=torch.tensor([[row.generated[-1]] for row in rows], device=device),
+                input_ids=torch.tensor([[row.next_input] for row in rows], device=device),
                 attention_mask=batch.mask,
                 position_ids=torch.tensor([[row.cached_tokens] for row in rows], device=device),
                 cache=batch.cache,
