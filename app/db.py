@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import select
+import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +18,12 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
+from sqlalchemy.util import await_
 
 from app.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_SECONDS = 10
 
 # What SQLAlchemy raises when the database cannot be reached or stops answering (a pool timeout included).
 _UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
@@ -41,8 +46,46 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE from conversation to messages
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer of a streaming reply
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
     cursor.close()
+
+
+class SQLiteWriteLock:
+    """One writer at a time among the server's SQLite connections, waiting on an asyncio lock.
+
+    SQLite lets one connection write at a time; the others wait in its busy handler, which sleeps 1, 2, 5, 10 ms and
+    longer between tries, while the writer's transaction stays open across the event loop's turns. Eight clients
+    opening conversations at once waited up to 150 ms for locks held a few ms each (with no busy timeout, 5 of their
+    8 requests failed as locked). A connection takes this lock at its first write statement (SQLite takes its own
+    there) and gives it back when it returns to the pool, after its COMMIT or ROLLBACK, so the next writer goes on at
+    once. Other processes (the CLI) still meet SQLite's own lock and busy timeout."""
+
+    _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+    def listen(self, engine: AsyncEngine) -> None:
+        event.listen(engine.sync_engine, "before_cursor_execute", self._before_execute)
+        event.listen(engine.sync_engine.pool, "checkin", self._release)
+        event.listen(engine.sync_engine.pool, "invalidate", self._release)
+
+    def _before_execute(self, connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        info = connection.connection.info  # the pooled connection's, which the pool events see too
+        if "write_lock" in info or not statement.lstrip()[:7].upper().startswith(self._WRITES):
+            return
+        lock = self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        try:
+            await_(asyncio.wait_for(lock.acquire(), SQLITE_BUSY_TIMEOUT_SECONDS))
+        except TimeoutError:
+            raise OperationalError(statement, None, sqlite3.OperationalError("database is locked")) from None
+        info["write_lock"] = lock
+
+    @staticmethod
+    def _release(_dbapi_connection: Any, record: ConnectionPoolEntry, *_: Any) -> None:
+        lock = record.info.pop("write_lock", None)
+        if lock is not None:
+            lock.release()
 
 
 def _replace_connections_the_server_closed(_dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
@@ -77,6 +120,7 @@ def create_db_config(settings: Settings, *, pooled: bool = True) -> SQLAlchemyAs
     engine = create_async_engine(url, **engine_options)
     if is_sqlite:
         event.listen(engine.sync_engine, "connect", _enable_sqlite_pragmas)
+        SQLiteWriteLock().listen(engine)
     elif pooled:
         event.listen(engine.sync_engine, "checkout", _replace_connections_the_server_closed)
     return SQLAlchemyAsyncConfig(
