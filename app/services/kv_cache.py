@@ -52,7 +52,7 @@ class SpareRoomLayer:
         else:
             self._key_buffer = self._room_for(keys, dtype=dtype)
             self._value_buffer = self._room_for(values, dtype=dtype)
-        self._expose()
+        self._rows_changed()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -70,7 +70,7 @@ class SpareRoomLayer:
         end = self.length + columns
         if end > self._key_buffer.shape[2]:
             self._grow(self._key_buffer.shape[0], end)
-        return self._key_buffer[: self.rows], self._value_buffer[: self.rows]
+        return self._key_rooms, self._value_rooms
 
     def advance(self, columns: int) -> None:
         """Count `columns` more tokens as held (written into the buffers `reserve` returned)."""
@@ -87,7 +87,7 @@ class SpareRoomLayer:
             buffer[self.rows, :, : self.length - tokens] = 0
             buffer[self.rows, :, self.length - tokens : self.length] = row[0]
         self.rows += 1
-        self._expose()
+        self._rows_changed()
 
     def widen(self, length: int) -> None:
         """Hold `length` columns (more than now), every row's tokens shifted to the last ones, zeros before them."""
@@ -99,7 +99,7 @@ class SpareRoomLayer:
             room[: self.rows, :, :shift] = 0
             room[: self.rows, :, shift:length] = old[: self.rows, :, :held]
             setattr(self, name, room)
-        self._expose()
+        self._rows_changed()
 
     def keep_rows(self, order: list[int]) -> None:
         """Keep the rows `order` names, row i being the former row order[i]; a row named where it is not is copied
@@ -109,23 +109,29 @@ class SpareRoomLayer:
                 self._key_buffer[new, :, : self.length] = self._key_buffer[old, :, : self.length]
                 self._value_buffer[new, :, : self.length] = self._value_buffer[old, :, : self.length]
         self.rows = len(order)
-        self._expose()
+        self._rows_changed()
 
     def drop_leading(self, columns: int) -> None:
         """Forget the first `columns` columns of every row (padding for all of them): the view starts later."""
         self._key_buffer = self._key_buffer[:, :, columns:]
         self._value_buffer = self._value_buffer[:, :, columns:]
         self.length -= columns
-        self._expose()
+        self._rows_changed()
 
     def _grow(self, row_capacity: int, columns: int) -> None:
         """Move the rows held into buffers of `row_capacity` rows and room for `columns` tokens and more."""
         self._key_buffer = self._room_for(self._key_buffer[: self.rows, :, : self.length], columns, row_capacity)
         self._value_buffer = self._room_for(self._value_buffer[: self.rows, :, : self.length], columns, row_capacity)
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        """The buffers' rows in the batch, kept as views: a decode step asks for them in every layer."""
+        self._key_rooms, self._value_rooms = self._key_buffer[: self.rows], self._value_buffer[: self.rows]
+        self._expose()
 
     def _expose(self) -> None:
-        self.keys = self._key_buffer[: self.rows, :, : self.length]
-        self.values = self._value_buffer[: self.rows, :, : self.length]
+        self.keys = self._key_rooms[:, :, : self.length]
+        self.values = self._value_rooms[:, :, : self.length]
 
     @staticmethod
     def _room_for(
