@@ -23,7 +23,7 @@ from sqlalchemy.util import await_
 from app.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-SQLITE_BUSY_TIMEOUT_SECONDS = 10
+SQLITE_BUSY_TIMEOUT_SECONDS = 10  # how long a write waits for another's, in SQLite (busy_timeout) as on SQLiteWriteLock
 
 # What SQLAlchemy raises when the database cannot be reached or stops answering (a pool timeout included).
 _UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
@@ -46,7 +46,7 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE from conversation to messages
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer of a streaming reply
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+    cursor.execute("PRAGMA busy_timeout=10000")  # SQLITE_BUSY_TIMEOUT_SECONDS
     cursor.close()
 
 

@@ -130,8 +130,11 @@ async def test_renames_and_deletes_racing_a_delete_get_404_never_500(client: htt
         racing = [client.patch(f"{path}/title", json={"title": f"racing {n}"}) for n in range(3)]
         racing.insert(round_ % 4, client.delete(path))
         racing.append(client.delete(path))
-        for response in await asyncio.gather(*racing):
+        responses = await asyncio.gather(*racing)
+        for response in responses:
             statuses.add((response.request.method, response.status_code))
+        deleted = sorted(response.status_code for response in responses if response.request.method == "DELETE")
+        assert deleted == [200, 404]  # of two racing deletes, only one finds the conversation
         assert (await client.get(path)).status_code == 404
     assert {status for _, status in statuses} <= {200, 404}, statuses
     assert ("DELETE", 200) in statuses and ("PATCH", 404) in statuses

@@ -8,7 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import Row, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.models import Conversation, Message, MessageStatus, TitleSource
@@ -29,6 +29,16 @@ class ConversationRepository(SQLAlchemyAsyncRepository[Conversation]):
             update(Conversation)
             .where(Conversation.id == conversation_id, Conversation.owner == owner)
             .values(**values, updated_at=datetime.now(UTC))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def delete_owned(self, owner: str, conversation_id: UUID) -> bool:
+        """Delete the owner's conversation (its messages go with it, ON DELETE CASCADE) in one statement; False if
+        there is no such conversation, or no longer (two deletes racing: only one finds it)."""
+        result = await self.session.execute(
+            delete(Conversation)
+            .where(Conversation.id == conversation_id, Conversation.owner == owner)
+            .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 

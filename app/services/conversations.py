@@ -224,8 +224,9 @@ class ConversationService(SQLAlchemyAsyncRepositoryService[Conversation, Convers
         await self.repository.session.commit()
 
     async def delete_conversation(self, owner: str, conversation_id: UUID) -> None:
-        await self.get_conversation(owner, conversation_id)
-        await self.delete(conversation_id, auto_commit=True)
+        if not await self.repository.delete_owned(owner, conversation_id):
+            raise conversation_not_found(conversation_id)
+        await self.repository.session.commit()
 
     async def switch_branch(
         self, owner: str, conversation_id: UUID, message_id: UUID
