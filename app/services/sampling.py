@@ -111,22 +111,31 @@ def _candidates(samplers: Sequence[Sampler], scores: torch.Tensor) -> tuple[torc
     whose score is at least the k-th highest, ties included; all of them without a top-k) and top-p: ids past a
     row's own candidates have probability zero."""
     vocab = scores.shape[-1]
-    temperatures = [[sampler.temperature or 1.0] for sampler in samplers]  # x / 1.0 is x
-    if any(sampler.temperature is not None for sampler in samplers):
-        scores = scores / torch.tensor(temperatures, device=scores.device)  # the same floats as dividing by each
-    top_k = torch.tensor([min(max(sampler.top_k or vocab, 1), vocab) for sampler in samplers], device=scores.device)
+    # Python numbers where every row has the same (the usual batch): fewer operations, each of which costs several
+    # microseconds on caches the model's step has just flushed.
+    temperatures = {sampler.temperature or 1.0 for sampler in samplers}  # x / 1.0 is x
+    if temperatures != {1.0}:
+        by = temperatures.pop() if len(temperatures) == 1 else [[sampler.temperature or 1.0] for sampler in samplers]
+        scores = scores / (by if isinstance(by, float) else torch.tensor(by, device=scores.device))  # the same floats
+    top_k = [min(max(sampler.top_k or vocab, 1), vocab) for sampler in samplers]
     # The widest row's k highest and one more (sorted, highest first), which tells whether a row's k-th has ties
     # past it; those (rare) need every score compared with the k-th.
-    width = min(int(top_k.max()) + 1, vocab)
+    width = min(max(top_k) + 1, vocab)
     values, ids = torch.topk(scores, width)
-    kth = values.gather(1, top_k[:, None] - 1)
-    counts = top_k  # of candidates: the ids scoring at least the k-th highest
-    if bool(((values.gather(1, top_k[:, None].clamp(max=width - 1)) == kth)[:, 0] & (top_k < width)).any()):
-        counts = (scores >= kth).sum(dim=1)
-        if int(counts.max()) > width:
-            width = int(counts.max())
-            values, ids = torch.topk(scores, width)
-    values = values.masked_fill(torch.arange(width, device=scores.device) >= counts[:, None], -float("inf"))
+    kth_and_next = values.gather(1, torch.tensor([[k - 1, min(k, width - 1)] for k in top_k], device=scores.device))
+    ties = kth_and_next[:, 0] == kth_and_next[:, 1]
+    if any(k == width for k in top_k):  # a row whose k is the whole vocabulary has no next score
+        ties &= torch.tensor([k < width for k in top_k], device=scores.device)
+    if bool(ties.any()):
+        counts = (scores >= kth_and_next[:, :1]).sum(dim=1)
+        width = max(width, int(counts.max()))
+        values, ids = torch.topk(scores, width)
+        values = values.masked_fill(torch.arange(width, device=scores.device) >= counts[:, None], -float("inf"))
+    elif len(set(top_k)) == 1:  # the k highest of every row
+        values, ids = values[:, : top_k[0]], ids[:, : top_k[0]]
+    else:
+        limits = torch.tensor([[k] for k in top_k], device=scores.device)
+        values = values.masked_fill(torch.arange(width, device=scores.device) >= limits, -float("inf"))
     if any(sampler.top_p is not None for sampler in samplers):
         # A row without top-p keeps every candidate as top_p=1 does: only ids of probability zero are dropped.
         values = keep_top_p(values, [1.0 if sampler.top_p is None else sampler.top_p for sampler in samplers])
