@@ -92,7 +92,7 @@ class _Request:
 
     @property
     def cached_tokens(self) -> int:
-        """Real (unpadded) tokens of this request in the KV cache: all but the last sampled token, not yet fed."""
+        """Real (unpadded) tokens of this request in the KV cache: all but `next_input`, not yet fed."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
     def send(self, event: EngineEvent) -> None:

@@ -21,11 +21,12 @@ class SpareRoomLayer:
     matmuls. Here `keys` and `values` are views of larger buffers and a step writes one column in place; a full buffer
     moves into a larger one.
 
-    A decode batch's rows join and leave in place too (`add_row`, `keep_rows`, `drop_leading`): the buffers keep room
-    for more rows, a joining row is written into the next, a leaving one's place is taken by the last row, and columns
-    that became padding for every row are dropped by moving the view's start. Rebuilding the batch's tensors instead
-    copied every row's keys and values twice at each join or leave: 20 ms (about two decode steps) for 8 rows of 300
-    tokens, 150-200 ms at 2,000, a stall of every running reply whenever one started or ended.
+    A decode batch's rows join and leave in place too (`add_row`, `widen`, `keep_rows`, `drop_leading`): the buffers
+    keep room for half as many rows again, a joining row is written into the next, a leaving one's place is taken by
+    the last row, and columns that became padding for every row are dropped by moving the view's start. Rebuilding
+    the batch's tensors instead copied every row's keys and values twice at each join or leave: 14-35 ms (two to
+    three decode steps) for 8 rows of 300 tokens, 150-200 ms at 2,000, a stall of every running reply whenever one
+    started or ended.
     """
 
     keys: torch.Tensor  # views of the rooms: the `length` tokens held, of the rows in the batch
@@ -69,7 +70,7 @@ class SpareRoomLayer:
         tokens after the `length` held; the caller writes them there and then calls `advance`."""
         end = self.length + columns
         if end > self._key_buffer.shape[2]:
-            self._grow(self._key_buffer.shape[0], end)
+            self._grow(self.rows + self.rows // 2, end)  # room for rows to join, none kept for rows that left
         return self._key_rooms, self._value_rooms
 
     def advance(self, columns: int) -> None:
@@ -81,8 +82,8 @@ class SpareRoomLayer:
         """Append a row `[1, kv_heads, tokens, head_dim]` as the last row, its tokens in the last columns held (at
         most `length` of them) and zeros before them (padding, which the batch's mask hides)."""
         tokens = keys.shape[2]
-        if self.rows == self._key_buffer.shape[0]:  # room for twice the rows: most joins then copy only their own
-            self._grow(2 * self.rows, self.length)
+        if self.rows == self._key_buffer.shape[0]:  # room for half as many again: most joins copy only their own row
+            self._grow(self.rows + max(1, self.rows // 2), self.length)
         for buffer, row in ((self._key_buffer, keys), (self._value_buffer, values)):
             buffer[self.rows, :, : self.length - tokens] = 0
             buffer[self.rows, :, self.length - tokens : self.length] = row[0]

@@ -113,10 +113,10 @@ def _candidates(samplers: Sequence[Sampler], scores: torch.Tensor) -> tuple[torc
     vocab = scores.shape[-1]
     # Python numbers where every row has the same (the usual batch): fewer operations, each of which costs several
     # microseconds on caches the model's step has just flushed.
-    temperatures = {sampler.temperature or 1.0 for sampler in samplers}  # x / 1.0 is x
-    if temperatures != {1.0}:
-        by = temperatures.pop() if len(temperatures) == 1 else [[sampler.temperature or 1.0] for sampler in samplers]
-        scores = scores / (by if isinstance(by, float) else torch.tensor(by, device=scores.device))  # the same floats
+    temperatures = [sampler.temperature or 1.0 for sampler in samplers]  # x / 1.0 is x
+    if set(temperatures) != {1.0}:  # a column of them divides each row into the same floats as its own number
+        same = len(set(temperatures)) == 1
+        scores = scores / (temperatures[0] if same else torch.tensor([[t] for t in temperatures], device=scores.device))
     top_k = [min(max(sampler.top_k or vocab, 1), vocab) for sampler in samplers]
     # The widest row's k highest and one more (sorted, highest first), which tells whether a row's k-th has ties
     # past it; those (rare) need every score compared with the k-th.
