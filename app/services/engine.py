@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import torch
 
-from app.services.kv_cache import KeyValues, SpareRoomLayer, spare_room_cache, transformers_cache
+from app.services.kv_cache import KeyValues, SpareRoomLayer, holds_other_rows, spare_room_cache, transformers_cache
 from app.services.llama_forward import LlamaForward
 from app.services.prefix_cache import PrefixCache
 from app.services.sampling import GENERATE_DEFAULT_TOP_K, Sampler, next_tokens
@@ -432,8 +432,7 @@ class DecodeEngine:
             return
         fed = (request.prompt_ids + request.generated)[: request.cached_tokens]
         own = [(keys[:, :, -len(fed) :], values[:, :, -len(fed) :]) for keys, values in key_values]
-        keys = own[0][0]
-        if not sole_user or keys.untyped_storage().nbytes() > keys.stride(0) * keys.element_size():
+        if not sole_user or holds_other_rows(own[0][0]):
             own = [(keys.clone(), values.clone()) for keys, values in own]
         self._prefix_cache.store(fed, own)
 

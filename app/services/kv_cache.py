@@ -158,6 +158,12 @@ def _room_of(view: torch.Tensor) -> torch.Tensor | None:
     return view.as_strided((rows, heads, columns, head_dim), layout)
 
 
+def holds_other_rows(view: torch.Tensor) -> bool:
+    """Whether the buffer under `view` (rows of a SpareRoomLayer's) also holds room for rows other than its own: a
+    decode batch's buffer that had several rows, which a view would keep alive whole."""
+    return view.untyped_storage().nbytes() > view.shape[0] * view.stride(0) * view.element_size()
+
+
 class RoomCache:
     """Per layer, a SpareRoomLayer: the cache Chipi's forward (app/services/llama_forward.py) appends to."""
 
