@@ -9,7 +9,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,12 +20,14 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from app.domain.generation import ChatTurn, GenerationFinished, GenerationParams, Prompt, TextDelta
+from app.services import engine as engine_module
 from app.services import kernels
 from app.services.cpu_layers import BlockLinear, PackedLinear, onednn_packs_linears
 from app.services.engine import PREFILL_CHUNK_TOKENS, DecodeEngine
 from app.services.kv_cache import spare_room_cache
 from app.services.llama_forward import LlamaForward
 from app.services.model import ModelService
+from app.services.tokenizer import next_turn_opening
 from app.settings import Settings
 from tests.model_helpers import last_logits
 
@@ -102,6 +104,22 @@ def generate_ids(service: ModelService, prompt: Prompt, max_new_tokens: int) -> 
 
 def decode(service: ModelService, ids: list[int]) -> str:
     return service.tokenizer.decode(ids).rstrip("\ufffd")
+
+
+def record_prompt_passes(monkeypatch: pytest.MonkeyPatch, after_each: Callable[[], None] = lambda: None) -> list[int]:
+    """The tokens each pass of prompt reading feeds from now on, `after_each` called after each pass. (A forward
+    hook would also count the passes that read a finished reply's next turn ahead when the engine is quiet.)"""
+    fed: list[int] = []
+    read_pass = DecodeEngine._read_pass
+
+    def recording_pass(engine: DecodeEngine, prefill: Any) -> Any:
+        fed.append(min(PREFILL_CHUNK_TOKENS, len(prefill.request.prompt_ids) - prefill.read))
+        logits = read_pass(engine, prefill)
+        after_each()
+        return logits
+
+    monkeypatch.setattr(DecodeEngine, "_read_pass", recording_pass)
+    return fed
 
 
 async def reply(
@@ -438,23 +456,17 @@ async def test_a_request_cancelled_before_it_starts_finishes_at_once(service: Mo
     assert got.finished.finish_reason == "cancelled" and got.finished.completion_tokens == 0
 
 
-async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(service: ModelService) -> None:
+async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A conversation's second turn starts from the first turn's keys and values: same reply, far less prefill."""
-    fed: list[int] = []  # tokens fed by each forward pass: the prefill, then one per decode step
-
-    def record(_: object, args: tuple[object, ...], kwargs: dict[str, torch.Tensor]) -> None:
-        fed.append(int(kwargs["input_ids"].shape[1]))
-
     turns = [ChatTurn("user", "Tell me about the moon, in a few sentences. Reply as a poet.")]
     first = await reply(service, service.build_prompt(None, turns, 64))
     turns += [ChatTurn("assistant", first.text), ChatTurn("user", "And the sun?")]
     second_prompt = service.build_prompt(None, turns, 64)
 
-    hook = service.model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        second = await reply(service, second_prompt)
-    finally:
-        hook.remove()
+    fed = record_prompt_passes(monkeypatch)
+    second = await reply(service, second_prompt)
 
     new_tokens = (
         len(second_prompt.token_ids)
@@ -465,7 +477,37 @@ async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(servi
     assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
 
 
-async def test_a_reply_stopped_while_its_prompt_is_read_keeps_what_was_read(service: ModelService) -> None:
+@pytest.mark.parametrize("ending", ["stop", "length"])
+async def test_a_quiet_engine_reads_the_next_turn_opening_ahead(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """While the user reads a reply, the engine reads what the next turn's prompt holds after it and before their
+    next message (the reply's last token where it ended at its length limit, then the template's opening of a user
+    turn): the next turn reads only the message and the reply's opening, and answers as plain generate."""
+    monkeypatch.setattr(engine_module, "READ_AHEAD_AFTER_SECONDS", 0.01)
+    opening = next_turn_opening(service.tokenizer)
+    assert service.tokenizer.decode(opening) == "\nuser\n"  # <|im_end|>\n<|im_start|>user\n without the specials
+    turns = [ChatTurn("user", "Name a fruit.")]  # its reply's text is tokenized again as the model wrote it
+    first_prompt = service.build_prompt(None, turns, 64)
+    first = await reply(service, first_prompt, GenerationParams(64 if ending == "stop" else 6, 0.0, 1.0))
+    assert first.finished.finish_reason == ending
+    await asyncio.sleep(0.5)  # the user reads
+    turns += [ChatTurn("assistant", first.text), ChatTurn("user", "Thanks. And now to the moon?")]
+    second_prompt = service.build_prompt(None, turns, 64)
+
+    fed = record_prompt_passes(monkeypatch)
+    second = await reply(service, second_prompt)
+
+    read_ahead = len(first_prompt.token_ids) + first.finished.completion_tokens + len(opening)
+    if ending == "stop":
+        read_ahead -= 1  # the reply's end token is the opening's first
+    assert fed == [len(second_prompt.token_ids) - read_ahead]
+    assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
+
+
+async def test_a_reply_stopped_while_its_prompt_is_read_keeps_what_was_read(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A reply stopped before its first token, while a long prompt is still being read, leaves the keys and values
     read so far in the prefix cache (with any entry its prompt took over): the same message sent again reads only
     the rest."""
@@ -474,44 +516,30 @@ async def test_a_reply_stopped_while_its_prompt_is_read_keeps_what_was_read(serv
     )
     assert len(asked.token_ids) > 3 * PREFILL_CHUNK_TOKENS
     cancelled = threading.Event()
-    fed: list[int] = []  # tokens fed by each forward pass
+    fed = record_prompt_passes(monkeypatch, after_each=cancelled.set)  # the first reply's: the next has its own
 
-    def stop_after_a_pass(_: object, args: tuple[object, ...], kwargs: dict[str, torch.Tensor]) -> None:
-        fed.append(int(kwargs["input_ids"].shape[1]))
-        cancelled.set()  # the first reply's event: the one sent again has its own
-
-    hook = service.model.register_forward_pre_hook(stop_after_a_pass, with_kwargs=True)
-    try:
-        stopped = await reply(service, asked, cancelled=cancelled)
-        read, fed[:] = sum(fed), []
-        again = await reply(service, asked, replace(GREEDY, max_new_tokens=1))  # its prompt's passes only
-    finally:
-        hook.remove()
+    stopped = await reply(service, asked, cancelled=cancelled)
+    read, fed[:] = sum(fed), []
+    again = await reply(service, asked, replace(GREEDY, max_new_tokens=1))
 
     assert stopped.finished.finish_reason == "cancelled" and stopped.deltas == []
     assert read == PREFILL_CHUNK_TOKENS  # one pass, then the stop
     assert again.finished.completion_tokens == 1 and 0 < sum(fed) <= len(asked.token_ids) - read
 
 
-async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_generate(service: ModelService) -> None:
+async def test_a_prompt_sharing_only_its_opening_with_a_cached_one_is_plain_generate(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A new conversation starts from another's cached opening (the chat template's system prompt). Its own tokens,
     more than those cached, attend causally without a mask; the reply is still plain generate's."""
-    fed: list[int] = []
-
-    def record(_: object, args: tuple[object, ...], kwargs: dict[str, torch.Tensor]) -> None:
-        fed.append(int(kwargs["input_ids"].shape[1]))
-
     await reply(service, prompt(service, "Hello!"))
     asked = prompt(
         service,
         "Describe a small fishing harbour at dawn: the boats coming back, the gulls, the nets drying on the quay, "
         "the smell of salt and diesel, and the people who meet the boats to buy the night's catch.",
     )
-    hook = service.model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        got = await reply(service, asked)
-    finally:
-        hook.remove()
+    fed = record_prompt_passes(monkeypatch)
+    got = await reply(service, asked)
 
     cached = len(asked.token_ids) - fed[0]
     assert 0 < cached < fed[0]  # a prefix was reused, and it is shorter than what was fed

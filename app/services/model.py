@@ -22,7 +22,7 @@ from app.services.engine import DecodeEngine, EngineEvent, Finished
 from app.services.llama_forward import LlamaForward
 from app.services.own_thread import call_in_own_thread
 from app.services.prefix_cache import PrefixCache
-from app.services.tokenizer import ChatTokenizer, load_tokenizer
+from app.services.tokenizer import ChatTokenizer, load_tokenizer, next_turn_opening
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,13 @@ class ModelService:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._engine = DecodeEngine(model, eos_ids, prefix_cache)
+        self._engine = DecodeEngine(
+            model,
+            eos_ids,
+            prefix_cache,
+            next_turn_opening=next_turn_opening(tokenizer),
+            context_window=context_window,
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> ModelService:

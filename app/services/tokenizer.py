@@ -50,6 +50,27 @@ class ChatTokenizer(Protocol):
         ...
 
 
+def next_turn_opening(tokenizer: ChatTokenizer) -> list[int]:
+    """The token ids a chat template puts after an assistant reply's text and before the next user message's text
+    (ChatML's `<|im_end|>`, `\n`, `<|im_start|>`, `user`, `\n`): the same in every turn, so the decode engine can
+    read them ahead when a reply ends. Found by rendering a short conversation three times, changing only the reply's
+    last character, then only the question's first word: what lies between the two first differences. Empty where
+    the template puts nothing there."""
+
+    def render(reply: str, question: str) -> list[int]:
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+        return tokenizer.encode_chat([*messages, {"role": "user", "content": question}], thinking=False)
+
+    rendered = render("Hello there.", "Thanks")
+    reply_end = _shared_length(rendered, render("Hello there!", "Thanks")) + 1
+    question_start = _shared_length(rendered, render("Hello there.", "Why"))
+    return rendered[reply_end:question_start]
+
+
+def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def load_tokenizer(source: str) -> ChatTokenizer:
     """The tokenizer of the model in folder (or hub id) `source`."""
     folder = Path(source)
