@@ -478,11 +478,12 @@ class DecodeEngine:
     def _store_read_ahead(self, *, quiet: bool) -> None:
         """Store the replies kept for reading ahead, before any prompt looks them up: read ahead if the engine is
         `quiet` (idle since they ended) and stays so, as they were fed otherwise."""
-        assert self._prefix_cache is not None or not self._to_read_ahead
+        if self._prefix_cache is None:  # nothing is kept without one (_remember)
+            return
         for fed, own, ahead in self._to_read_ahead:
             if quiet and not self._inbox:  # an unlocked read: at worst, an arrival waits for one short pass
                 fed, own = self._read_ahead(fed, own, ahead)
-            self._prefix_cache.store(fed, own)  # type: ignore[union-attr]
+            self._prefix_cache.store(fed, own)
         self._to_read_ahead.clear()
 
     def _next_turn_ahead(self, request: _Request) -> list[int]:
