@@ -615,8 +615,11 @@ async def test_every_precision_answers_a_plain_question(
 
 
 # How far the served model's logits may be from plain transformers' on the same weights: float rounding for float32's
-# packed layers; the block kernels also round each block of activations to 16 bits (relative error under 2e-5).
-LOGIT_TOLERANCE = {"none": 1e-3, "auto": 1e-2}
+# packed layers; the block kernels also round each block of activations to 16 bits (relative error under 2e-5), which
+# turns any last-bit difference upstream into logits up to about 1e-2 apart: over 16 other questions the largest
+# difference was 0.005-0.010 (median 0.0068) with PyTorch's prompt attention and 0.005-0.011 (median 0.0064) with
+# Chipi's prompt_attention, which agree with each other to float32 rounding.
+LOGIT_TOLERANCE = {"none": 1e-3, "auto": 1.5e-2}
 
 
 @pytest.mark.parametrize("quantize", ["none", "auto"])
@@ -700,5 +703,5 @@ def test_a_decode_step_in_one_kernel_call_is_the_step_layer_by_layer(
         in_one_call = steps()
         monkeypatch.setattr(model, "_step", None)
         layer_by_layer = steps()
-    assert torch.allclose(in_one_call, layer_by_layer, atol=LOGIT_TOLERANCE["auto"] * 2, rtol=0)
+    assert torch.allclose(in_one_call, layer_by_layer, atol=2e-2, rtol=0)
     assert torch.equal(in_one_call.argmax(-1), layer_by_layer.argmax(-1))

@@ -146,6 +146,38 @@ def test_decode_attention_is_scaled_dot_product_attention(padded: bool, cache_dt
     assert torch.allclose(got, expected.transpose(1, 2).reshape(rows, 1, -1), atol=1e-5)
 
 
+@pytest.mark.skipif(
+    not kernels.available() or not torch.ops.chipi.prompt_attention_supported(), reason="prompt_attention needs AVX-512"
+)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("rows", "heads", "kv_heads", "tokens", "columns", "head_dim"),
+    [
+        (1, 9, 3, 18, 1288, 64),  # a turn's message after a long conversation, as the default model reads it
+        (1, 9, 3, 64, 700, 64),  # a pass of a long message after its first 636 tokens
+        (1, 9, 3, 13, 13, 64),  # a prompt with nothing cached: plainly causal
+        (1, 9, 3, 2, 9, 64),  # fewer query rows than a vector's 16 lanes
+        (2, 4, 2, 7, 30, 32),
+        (1, 6, 6, 5, 11, 16),  # one query head per key/value head
+    ],
+)
+def test_prompt_attention_is_causal_scaled_dot_product_attention(
+    rows: int, heads: int, kv_heads: int, tokens: int, columns: int, head_dim: int, cache_dtype: torch.dtype
+) -> None:
+    """The new tokens are the cache's last columns: each sees every column before them and the new ones up to its
+    own, over a float32 or a float16 cache read as the float32 values it holds."""
+    torch.manual_seed(tokens)
+    query = torch.randn(rows, heads + kv_heads, tokens, head_dim)[:, :heads]  # a view, as in the model
+    room = torch.randn(rows, kv_heads, columns + 16, head_dim, dtype=cache_dtype)
+    keys, values = room[:, :, :columns], torch.randn_like(room)[:, :, :columns]
+    causal = torch.ones(tokens, columns, dtype=torch.bool).tril(columns - tokens)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.float(), values.float(), attn_mask=causal, enable_gqa=True
+    )
+    got = torch.ops.chipi.prompt_attention(query, keys, values, head_dim**-0.5)
+    assert torch.allclose(got, expected.transpose(1, 2).reshape(rows, tokens, -1), atol=1e-5)
+
+
 def test_fused_norm_and_gate_match_pytorch() -> None:
     hidden, delta, weight = torch.randn(2, 5, 576), torch.randn(2, 5, 576), torch.randn(576)
     expected_hidden = hidden + delta

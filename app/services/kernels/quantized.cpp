@@ -1087,6 +1087,193 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
   return out;
 }
 
+// --- Attention of a prompt's new tokens over the cache (AVX-512) ----------------------------------------------------
+//
+// A prompt pass (a turn's message after a conversation's cached history, or a long message read 64 tokens a pass)
+// attends each new token over every cached column and the new ones up to its own. PyTorch's scaled dot-product
+// attention wants float32 keys and values (a float16 cache converted whole, every layer) and a boolean mask for that
+// offset causal rule; at turn 10 of a conversation the two took half the pass. Here a key/value head's query rows
+// (its query heads times the new tokens, token by token) are taken 16 at a time, one per lane: a key's score for 16
+// rows is a broadcast multiply-add per dimension, the softmax runs down the lanes without horizontal sums, each row's
+// causal end is a lane mask, and float16 keys and values are converted a few rows at a time as they are read.
+
+constexpr int64_t kKeysPerStep = 8;      // keys scored together, each into an accumulator of its own
+constexpr int64_t kValuesPerBlock = 32;  // value rows converted to float32 at a time
+
+CHIPI_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+CHIPI_AVX512 inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// e^x for 16 floats, as exp8 computes it.
+CHIPI_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0f));
+  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(exponent));
+}
+
+// Rows [0, count) of a cache view (row stride `stride`, D elements each) as float32: where they are for a float32
+// cache, else converted into `scratch` (count * D floats).
+template <typename T>
+CHIPI_AVX512 inline const float* float_rows(const T* rows, int64_t stride, int64_t count, int64_t D, float* scratch,
+                                            int64_t& float_stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    float_stride = stride;
+    return rows;
+  } else {
+    for (int64_t j = 0; j < count; ++j)
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(scratch + j * D + d, load16(rows + j * stride + d));
+    float_stride = D;
+    return scratch;
+  }
+}
+
+// scores[u] (16 lanes, one per query row) = the query rows (queries_t [D][16], transposed) dotted with key u, for the
+// N keys at `keys` (row stride `stride`).
+template <int N>
+CHIPI_AVX512 inline void score_keys(const float* queries_t, const float* keys, int64_t stride, int64_t D,
+                                    float* scores) {
+  __m512 sums[N];
+  for (int u = 0; u < N; ++u) sums[u] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 q = _mm512_loadu_ps(queries_t + 16 * d);
+    for (int u = 0; u < N; ++u) sums[u] = _mm512_fmadd_ps(_mm512_set1_ps(keys[u * stride + d]), q, sums[u]);
+  }
+  for (int u = 0; u < N; ++u) _mm512_storeu_ps(scores + 16 * u, sums[u]);
+}
+
+// out_t [D][16] += the weights [count][16] (a lane per query row) times the count value rows at `values`.
+CHIPI_AVX512 inline void add_weighted_values(const float* weights, const float* values, int64_t stride,
+                                             int64_t count, int64_t D, float* out_t) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    __m512 sums[16];
+    for (int u = 0; u < 16; ++u) sums[u] = _mm512_loadu_ps(out_t + 16 * (d0 + u));
+    for (int64_t j = 0; j < count; ++j) {
+      const __m512 w = _mm512_loadu_ps(weights + 16 * j);
+      const float* v = values + j * stride + d0;
+      for (int u = 0; u < 16; ++u) sums[u] = _mm512_fmadd_ps(_mm512_set1_ps(v[u]), w, sums[u]);
+    }
+    for (int u = 0; u < 16; ++u) _mm512_storeu_ps(out_t + 16 * (d0 + u), sums[u]);
+  }
+}
+
+// One unit of prompt_attention's work: the 16 query rows from `first` on of row r's key/value head g (keys and
+// values of element type T: float, or at::Half), into out [R, T, H * D]. Buffers: queries_t and out_t D * 16 floats,
+// weights (L + kKeysPerStep) * 16, scratch kValuesPerBlock * D.
+template <typename T>
+CHIPI_AVX512 void attend_query_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                                    float softmax_scale, int64_t r, int64_t g, int64_t first, float* queries_t,
+                                    float* out_t, float* weights, float* scratch, at::Tensor& out) {
+  const int64_t H = query.size(1), tokens = query.size(2), D = query.size(3);
+  const int64_t L = keys.size(2), group = H / keys.size(1), cached = L - tokens;
+  const int64_t count = std::min<int64_t>(16, group * tokens - first);
+  // Query row i of this head is token i / group of query head g * group + i % group; it sees the columns up to its
+  // token's own. Lanes past the last row attend with zero queries over every column, and are dropped.
+  const int64_t columns = cached + (first + count - 1) / group + 1;  // the last row's: the most any row sees
+  alignas(64) int32_t visible[16];
+  for (int64_t lane = 0; lane < 16; ++lane) {
+    const int64_t i = first + lane, t = i / group, h = g * group + i % group;
+    visible[lane] = static_cast<int32_t>(lane < count ? cached + t + 1 : columns);
+    const float* q = query.data_ptr<float>() + r * query.stride(0) + h * query.stride(1) + t * query.stride(2);
+    for (int64_t d = 0; d < D; ++d) queries_t[16 * d + lane] = lane < count ? q[d] * softmax_scale : 0.0f;
+  }
+  const T* k = keys.data_ptr<T>() + r * keys.stride(0) + g * keys.stride(1);
+  const T* v = values.data_ptr<T>() + r * values.stride(0) + g * values.stride(1);
+  const int64_t key_stride = keys.stride(2), value_stride = values.stride(2);
+  int64_t stride = 0;
+  int64_t j = 0;
+  for (; j + kKeysPerStep <= columns; j += kKeysPerStep) {
+    const float* rows = float_rows(k + j * key_stride, key_stride, kKeysPerStep, D, scratch, stride);
+    score_keys<kKeysPerStep>(queries_t, rows, stride, D, weights + 16 * j);
+  }
+  if (j < columns) {  // the last few keys, converted and padded with zero keys (their scores land past the end)
+    const int64_t left = columns - j;
+    for (int64_t u = 0; u < kKeysPerStep; ++u)
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_ps(scratch + u * D + d, u < left ? load16(k + (j + u) * key_stride + d) : _mm512_setzero_ps());
+    score_keys<kKeysPerStep>(queries_t, scratch, D, D, weights + 16 * j);
+  }
+  const __m512i ends = _mm512_load_si512(visible);
+  const __m512 hidden = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (j = cached + first / group + 1; j < columns; ++j) {  // past the first row's last column: hidden from some rows
+    const __mmask16 seen = _mm512_cmpgt_epi32_mask(ends, _mm512_set1_epi32(static_cast<int32_t>(j)));
+    _mm512_storeu_ps(weights + 16 * j, _mm512_mask_blend_ps(seen, hidden, _mm512_loadu_ps(weights + 16 * j)));
+  }
+  __m512 largest = hidden;
+  for (j = 0; j < columns; ++j) largest = _mm512_max_ps(largest, _mm512_loadu_ps(weights + 16 * j));
+  __m512 total = _mm512_setzero_ps();
+  for (j = 0; j < columns; ++j) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(weights + 16 * j), largest));
+    _mm512_storeu_ps(weights + 16 * j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  std::fill(out_t, out_t + D * 16, 0.0f);
+  for (j = 0; j < columns; j += kValuesPerBlock) {
+    const int64_t block = std::min(kValuesPerBlock, columns - j);
+    const float* rows = float_rows(v + j * value_stride, value_stride, block, D, scratch, stride);
+    add_weighted_values(weights + 16 * j, rows, stride, block, D, out_t);
+  }
+  alignas(64) float inverse[16];
+  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+  for (int64_t lane = 0; lane < count; ++lane) {
+    const int64_t i = first + lane, t = i / group, h = g * group + i % group;
+    float* o = out.data_ptr<float>() + ((r * tokens + t) * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = out_t[16 * d + lane] * inverse[lane];
+  }
+}
+
+template <typename T>
+void attend_new_tokens(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, double scale,
+                       at::Tensor& out) {
+  const int64_t R = query.size(0), H = query.size(1), tokens = query.size(2), D = query.size(3);
+  const int64_t KV = keys.size(1), L = keys.size(2);
+  const int64_t vectors = (H / KV * tokens + 15) / 16;  // of 16 query rows, per row and key/value head
+  at::parallel_for(0, R * KV * vectors, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> queries_t(D * 16), out_t(D * 16), weights((L + kKeysPerStep) * 16),
+        scratch(kValuesPerBlock * D);
+    for (int64_t unit = begin; unit < end; ++unit)
+      attend_query_rows<T>(query, keys, values, static_cast<float>(scale), unit / (KV * vectors),
+                           unit / vectors % KV, unit % vectors * 16, queries_t.data(), out_t.data(), weights.data(),
+                           scratch.data(), out);
+  });
+}
+
+// Attention of a prompt pass's new tokens (no padding): query [R, H, T, D], keys and values [R, KV, L, D] (views of
+// the cache, float32 or float16, whose last T columns are the new tokens'; H a multiple of KV, D of 16). Token t
+// sees columns [0, L - T + t]. Returns [R, T, H * D] float32, the heads side by side. Needs AVX-512
+// (prompt_attention_supported); the same as scaled_dot_product_attention with that causal mask, to float32 rounding.
+at::Tensor prompt_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, double scale) {
+  const int64_t R = query.size(0), H = query.size(1), tokens = query.size(2), D = query.size(3);
+  const int64_t KV = keys.size(1), L = keys.size(2);
+  TORCH_CHECK(has_avx512_vnni(), "chipi prompt_attention: needs AVX-512");
+  TORCH_CHECK(H % KV == 0 && D % 16 == 0 && tokens <= L && keys.sizes() == values.sizes() && keys.size(0) == R &&
+                  keys.size(3) == D,
+              "chipi prompt_attention: unsupported shapes");
+  const auto cached = keys.scalar_type();
+  TORCH_CHECK(query.scalar_type() == at::kFloat && (cached == at::kFloat || cached == at::kHalf) &&
+                  values.scalar_type() == cached,
+              "chipi prompt_attention: a float32 query over float32 or float16 keys and values expected");
+  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
+              "chipi prompt_attention: the last dimension must be contiguous");
+  auto out = at::empty({R, tokens, H * D}, query.options());
+  if (cached == at::kHalf)
+    attend_new_tokens<at::Half>(query, keys, values, scale, out);
+  else
+    attend_new_tokens<float>(query, keys, values, scale, out);
+  return out;
+}
+
 // silu(gate) * up, where the last dimension of x is [gate | up].
 at::Tensor silu_mul(const at::Tensor& input) {
   const int64_t D = input.size(-1) / 2;
@@ -1201,6 +1388,8 @@ TORCH_LIBRARY(chipi, m) {
   m.def("silu_mul(Tensor x) -> Tensor", silu_mul);
   m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor? mask, float scale) -> Tensor",
         decode_attention);
+  m.def("prompt_attention(Tensor query, Tensor keys, Tensor values, float scale) -> Tensor", prompt_attention);
+  m.def("prompt_attention_supported() -> bool", has_avx512_vnni);
   m.def("add_rms_norm(Tensor(a!) hidden, Tensor delta, Tensor weight, float eps) -> Tensor", add_rms_norm);
   m.def("decode_layers(Tensor(a!) hidden, Tensor[] weights, int[] bits, Tensor(b!)[] key_rooms, "
         "Tensor(c!)[] value_rooms, int length, Tensor rotation, Tensor? mask, Tensor final_norm, int heads, "
