@@ -1139,54 +1139,69 @@ CHIPI_AVX512 inline const float* float_rows(const T* rows, int64_t stride, int64
   }
 }
 
-// scores[u] (16 lanes, one per query row) = the query rows (queries_t [D][16], transposed) dotted with key u, for the
-// N keys at `keys` (row stride `stride`).
-template <int N>
+// scores[u] (V vectors of 16 lanes, a lane per query row) = the query rows (queries_t [D][16 V], transposed) dotted
+// with key u, for the N keys at `keys` (row stride `stride`). Each key's broadcast serves V vectors of rows.
+template <int N, int V>
 CHIPI_AVX512 inline void score_keys(const float* queries_t, const float* keys, int64_t stride, int64_t D,
                                     float* scores) {
-  __m512 sums[N];
-  for (int u = 0; u < N; ++u) sums[u] = _mm512_setzero_ps();
+  __m512 sums[N][V];
+  for (int u = 0; u < N; ++u)
+    for (int v = 0; v < V; ++v) sums[u][v] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
-    const __m512 q = _mm512_loadu_ps(queries_t + 16 * d);
-    for (int u = 0; u < N; ++u) sums[u] = _mm512_fmadd_ps(_mm512_set1_ps(keys[u * stride + d]), q, sums[u]);
+    __m512 q[V];
+    for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(queries_t + 16 * (V * d + v));
+    for (int u = 0; u < N; ++u) {
+      const __m512 key = _mm512_set1_ps(keys[u * stride + d]);
+      for (int v = 0; v < V; ++v) sums[u][v] = _mm512_fmadd_ps(key, q[v], sums[u][v]);
+    }
   }
-  for (int u = 0; u < N; ++u) _mm512_storeu_ps(scores + 16 * u, sums[u]);
+  for (int u = 0; u < N; ++u)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(scores + 16 * (V * u + v), sums[u][v]);
 }
 
-// out_t [D][16] += the weights [count][16] (a lane per query row) times the count value rows at `values`.
+// out_t [D][16 V] += the weights [count][16 V] (a lane per query row) times the count value rows at `values`.
+template <int V>
 CHIPI_AVX512 inline void add_weighted_values(const float* weights, const float* values, int64_t stride,
                                              int64_t count, int64_t D, float* out_t) {
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    __m512 sums[16];
-    for (int u = 0; u < 16; ++u) sums[u] = _mm512_loadu_ps(out_t + 16 * (d0 + u));
+  constexpr int kDims = 16 / V;  // dimensions per pass: 16 accumulators
+  for (int64_t d0 = 0; d0 < D; d0 += kDims) {
+    __m512 sums[kDims][V];
+    for (int u = 0; u < kDims; ++u)
+      for (int v = 0; v < V; ++v) sums[u][v] = _mm512_loadu_ps(out_t + 16 * (V * (d0 + u) + v));
     for (int64_t j = 0; j < count; ++j) {
-      const __m512 w = _mm512_loadu_ps(weights + 16 * j);
-      const float* v = values + j * stride + d0;
-      for (int u = 0; u < 16; ++u) sums[u] = _mm512_fmadd_ps(_mm512_set1_ps(v[u]), w, sums[u]);
+      __m512 w[V];
+      for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(weights + 16 * (V * j + v));
+      const float* value = values + j * stride + d0;
+      for (int u = 0; u < kDims; ++u) {
+        const __m512 x = _mm512_set1_ps(value[u]);
+        for (int v = 0; v < V; ++v) sums[u][v] = _mm512_fmadd_ps(x, w[v], sums[u][v]);
+      }
     }
-    for (int u = 0; u < 16; ++u) _mm512_storeu_ps(out_t + 16 * (d0 + u), sums[u]);
+    for (int u = 0; u < kDims; ++u)
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(out_t + 16 * (V * (d0 + u) + v), sums[u][v]);
   }
 }
 
-// One unit of prompt_attention's work: the 16 query rows from `first` on of row r's key/value head g (keys and
-// values of element type T: float, or at::Half), into out [R, T, H * D]. Buffers: queries_t and out_t D * 16 floats,
-// weights (L + kKeysPerStep) * 16, scratch kValuesPerBlock * D.
-template <typename T>
+// One unit of prompt_attention's work: the 16 V query rows from `first` on of row r's key/value head g (keys and
+// values of element type T: float, or at::Half), into out [R, T, H * D]. Buffers: queries_t and out_t 32 D floats,
+// weights 32 (L + kKeysPerStep), scratch kValuesPerBlock * D.
+template <typename T, int V>
 CHIPI_AVX512 void attend_query_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
                                     float softmax_scale, int64_t r, int64_t g, int64_t first, float* queries_t,
                                     float* out_t, float* weights, float* scratch, at::Tensor& out) {
+  constexpr int64_t kLanes = 16 * V;
   const int64_t H = query.size(1), tokens = query.size(2), D = query.size(3);
   const int64_t L = keys.size(2), group = H / keys.size(1), cached = L - tokens;
-  const int64_t count = std::min<int64_t>(16, group * tokens - first);
+  const int64_t count = std::min<int64_t>(kLanes, group * tokens - first);
   // Query row i of this head is token i / group of query head g * group + i % group; it sees the columns up to its
   // token's own. Lanes past the last row attend with zero queries over every column, and are dropped.
   const int64_t columns = cached + (first + count - 1) / group + 1;  // the last row's: the most any row sees
-  alignas(64) int32_t visible[16];
-  for (int64_t lane = 0; lane < 16; ++lane) {
+  alignas(64) int32_t visible[kLanes];
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
     const int64_t i = first + lane, t = i / group, h = g * group + i % group;
     visible[lane] = static_cast<int32_t>(lane < count ? cached + t + 1 : columns);
     const float* q = query.data_ptr<float>() + r * query.stride(0) + h * query.stride(1) + t * query.stride(2);
-    for (int64_t d = 0; d < D; ++d) queries_t[16 * d + lane] = lane < count ? q[d] * softmax_scale : 0.0f;
+    for (int64_t d = 0; d < D; ++d) queries_t[kLanes * d + lane] = lane < count ? q[d] * softmax_scale : 0.0f;
   }
   const T* k = keys.data_ptr<T>() + r * keys.stride(0) + g * keys.stride(1);
   const T* v = values.data_ptr<T>() + r * values.stride(0) + g * values.stride(1);
@@ -1195,57 +1210,66 @@ CHIPI_AVX512 void attend_query_rows(const at::Tensor& query, const at::Tensor& k
   int64_t j = 0;
   for (; j + kKeysPerStep <= columns; j += kKeysPerStep) {
     const float* rows = float_rows(k + j * key_stride, key_stride, kKeysPerStep, D, scratch, stride);
-    score_keys<kKeysPerStep>(queries_t, rows, stride, D, weights + 16 * j);
+    score_keys<kKeysPerStep, V>(queries_t, rows, stride, D, weights + kLanes * j);
   }
   if (j < columns) {  // the last few keys, converted and padded with zero keys (their scores land past the end)
     const int64_t left = columns - j;
     for (int64_t u = 0; u < kKeysPerStep; ++u)
       for (int64_t d = 0; d < D; d += 16)
         _mm512_storeu_ps(scratch + u * D + d, u < left ? load16(k + (j + u) * key_stride + d) : _mm512_setzero_ps());
-    score_keys<kKeysPerStep>(queries_t, scratch, D, D, weights + 16 * j);
+    score_keys<kKeysPerStep, V>(queries_t, scratch, D, D, weights + kLanes * j);
   }
-  const __m512i ends = _mm512_load_si512(visible);
   const __m512 hidden = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (j = cached + first / group + 1; j < columns; ++j) {  // past the first row's last column: hidden from some rows
-    const __mmask16 seen = _mm512_cmpgt_epi32_mask(ends, _mm512_set1_epi32(static_cast<int32_t>(j)));
-    _mm512_storeu_ps(weights + 16 * j, _mm512_mask_blend_ps(seen, hidden, _mm512_loadu_ps(weights + 16 * j)));
+  alignas(64) float inverse[kLanes];  // of each row's sum of weights
+  for (int64_t part = 0; part < V; ++part) {  // the softmax of each vector of rows, down its lanes
+    float* w = weights + 16 * part;
+    const int64_t start = cached + (first + 16 * part) / group + 1;  // past its first row's last column
+    const __m512i ends = _mm512_load_si512(visible + 16 * part);
+    for (j = start; j < columns; ++j) {  // hidden from some of its rows
+      const __mmask16 seen = _mm512_cmpgt_epi32_mask(ends, _mm512_set1_epi32(static_cast<int32_t>(j)));
+      _mm512_storeu_ps(w + kLanes * j, _mm512_mask_blend_ps(seen, hidden, _mm512_loadu_ps(w + kLanes * j)));
+    }
+    __m512 largest = hidden;
+    for (j = 0; j < columns; ++j) largest = _mm512_max_ps(largest, _mm512_loadu_ps(w + kLanes * j));
+    __m512 total = _mm512_setzero_ps();
+    for (j = 0; j < columns; ++j) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(w + kLanes * j), largest));
+      _mm512_storeu_ps(w + kLanes * j, e);
+      total = _mm512_add_ps(total, e);
+    }
+    _mm512_store_ps(inverse + 16 * part, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
   }
-  __m512 largest = hidden;
-  for (j = 0; j < columns; ++j) largest = _mm512_max_ps(largest, _mm512_loadu_ps(weights + 16 * j));
-  __m512 total = _mm512_setzero_ps();
-  for (j = 0; j < columns; ++j) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(weights + 16 * j), largest));
-    _mm512_storeu_ps(weights + 16 * j, e);
-    total = _mm512_add_ps(total, e);
-  }
-  std::fill(out_t, out_t + D * 16, 0.0f);
+  std::fill(out_t, out_t + D * kLanes, 0.0f);
   for (j = 0; j < columns; j += kValuesPerBlock) {
     const int64_t block = std::min(kValuesPerBlock, columns - j);
     const float* rows = float_rows(v + j * value_stride, value_stride, block, D, scratch, stride);
-    add_weighted_values(weights + 16 * j, rows, stride, block, D, out_t);
+    add_weighted_values<V>(weights + kLanes * j, rows, stride, block, D, out_t);
   }
-  alignas(64) float inverse[16];
-  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
   for (int64_t lane = 0; lane < count; ++lane) {
     const int64_t i = first + lane, t = i / group, h = g * group + i % group;
     float* o = out.data_ptr<float>() + ((r * tokens + t) * H + h) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = out_t[16 * d + lane] * inverse[lane];
+    for (int64_t d = 0; d < D; ++d) o[d] = out_t[kLanes * d + lane] * inverse[lane];
   }
 }
 
+// Units of 32 query rows (a head's last one 16 where no more are left), shared between the threads.
 template <typename T>
 void attend_new_tokens(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, double scale,
                        at::Tensor& out) {
   const int64_t R = query.size(0), H = query.size(1), tokens = query.size(2), D = query.size(3);
-  const int64_t KV = keys.size(1), L = keys.size(2);
-  const int64_t vectors = (H / KV * tokens + 15) / 16;  // of 16 query rows, per row and key/value head
-  at::parallel_for(0, R * KV * vectors, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> queries_t(D * 16), out_t(D * 16), weights((L + kKeysPerStep) * 16),
+  const int64_t KV = keys.size(1), L = keys.size(2), rows = H / KV * tokens, units = (rows + 31) / 32;
+  at::parallel_for(0, R * KV * units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> queries_t(32 * D), out_t(32 * D), weights(32 * (L + kKeysPerStep)),
         scratch(kValuesPerBlock * D);
-    for (int64_t unit = begin; unit < end; ++unit)
-      attend_query_rows<T>(query, keys, values, static_cast<float>(scale), unit / (KV * vectors),
-                           unit / vectors % KV, unit % vectors * 16, queries_t.data(), out_t.data(), weights.data(),
-                           scratch.data(), out);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t r = unit / (KV * units), g = unit / units % KV, first = unit % units * 32;
+      if (rows - first > 16)
+        attend_query_rows<T, 2>(query, keys, values, static_cast<float>(scale), r, g, first, queries_t.data(),
+                                out_t.data(), weights.data(), scratch.data(), out);
+      else
+        attend_query_rows<T, 1>(query, keys, values, static_cast<float>(scale), r, g, first, queries_t.data(),
+                                out_t.data(), weights.data(), scratch.data(), out);
+    }
   });
 }
 
