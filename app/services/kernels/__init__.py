@@ -2,7 +2,8 @@
 
 PyTorch's weight-only int4/int8 kernels are vectorized for AVX-512 only: on an AVX2 CPU they ran 10-25x slower than
 float32. These are AVX2 kernels for llama.cpp-style blocks of 32 weights (see quantized.cpp), with AVX-512 VNNI
-products where the CPU has them (chosen at run time). They are compiled with
+products, a prompt pass's attention by AVX-512 and a prompt's products by AMX tiles where the CPU has them (chosen at
+run time). They are compiled with
 the machine's C++ compiler by PyTorch's extension builder the first time a model loads (about 20 s), into
 `chipi-kernels/` inside the Python environment (e.g. `.venv/chipi-kernels`: one build per checkout's venv, so that
 two checkouts on a machine do not rebuild over each other), and loaded from there after.

@@ -15,9 +15,12 @@
 
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -225,6 +228,7 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
 // their mins. 8-bit weights (multiplied in panels with AVX-512 VNNI only): [N / 8, blocks, 256], 8 chunks, byte 4 col
 // + i of chunk c holding the column's weight 4 c + i; scales [N / 8, blocks, 8].
 constexpr int64_t kPanel = 8;
+constexpr int64_t kTileRows = 16;  // the rows of a prompt an AMX tile takes (see tile_products)
 // How many blocks ahead (of 128 bytes) the panel kernel asks for weights: 2 KB, which made a decode step of one row
 // 5% faster than asking for the block after next (the same from 1 to 4 KB; several rows, bound by arithmetic, alike).
 constexpr int64_t kPanelPrefetchBlocks = 16;
@@ -415,6 +419,9 @@ bool has_avx512_vnni();
 template <bool kQ4, bool kSplit>
 void panel_pair_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp,
                          float* op, int64_t N);
+bool has_amx();
+void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
+                   int64_t N);
 
 // x [M, K] times weights in panels, with activations rounded to activation_bits (16, or 8 for 4-bit weights) per
 // block. 8-bit weights in panels need AVX-512 VNNI.
@@ -440,7 +447,9 @@ void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, cons
   }
   const SplitRows rows{high.data(), low.data(), x_scales.data(), block_sums.data(), corrections.data()};
   if constexpr (kQ4) {
-    if (has_avx512_vnni()) {
+    if (split && M >= kTileRows && has_amx()) {  // a prompt's rows
+      tile_products(rows, M, K, wp, sp, op, N);
+    } else if (has_avx512_vnni()) {
       if (split)
         panel_pair_products<true, true>(rows, M, K, wp, sp, op, N);
       else
@@ -651,6 +660,25 @@ CHIPI_AVX512 inline __m512 sixteen_halves(const uint16_t* first, const uint16_t*
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(second)), 1));
 }
 
+// Panels p and p + 1 (each panel_bytes of blocks and panel_scales of scales), or panel p alone, read twice, where it is
+// the last before p_end.
+struct PanelPair {
+  const uint8_t* first;
+  const uint8_t* second;
+  const uint16_t* first_scales;
+  const uint16_t* second_scales;
+  bool both;
+};
+
+inline PanelPair panel_pair(const uint8_t* weights, const uint16_t* scales, int64_t panel_bytes, int64_t panel_scales,
+                            int64_t p, int64_t p_end) {
+  const bool both = p + 1 < p_end;
+  const uint8_t* first = weights + p * panel_bytes;
+  const uint16_t* first_scales = scales + p * panel_scales;
+  return {first, both ? first + panel_bytes : first, first_scales, both ? first_scales + panel_scales : first_scales,
+          both};
+}
+
 // The panels two at a time (16 output columns, one 512-bit vector), with `vpdpbusd` (unsigned bytes times signed
 // bytes, 4 at a time, added into 32-bit lanes): per row and block, 8 of them for 8-bit activations and 16 for 16-bit
 // ones split as dot_panels splits them, with no 16-bit partial sums to widen. For 4-bit weights the integer sums and
@@ -665,11 +693,8 @@ CHIPI_AVX512 void dot_panel_pairs(const SplitRows& rows, int64_t K, const uint8_
   const int64_t blocks = K / kBlock, panel_bytes = blocks * kBytes, panel_scales = blocks * kScales;
   const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t p = p_begin; p < p_end; p += 2) {
-    const bool both = p + 1 < p_end;
-    const uint8_t* first = weights + p * panel_bytes;
-    const uint8_t* second = both ? first + panel_bytes : first;
-    const uint16_t* first_scales = scales + p * panel_scales;
-    const uint16_t* second_scales = both ? first_scales + panel_scales : first_scales;
+    const auto [first, second, first_scales, second_scales, both] =
+        panel_pair(weights, scales, panel_bytes, panel_scales, p, p_end);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -735,6 +760,150 @@ void panel_pair_products(const SplitRows& all, int64_t M, int64_t K, const uint8
         dot_panel_pairs<kQ4, kSplit, count>(rows, K, wp, sp, om, N, 2 * begin, std::min(2 * end, panels));
       });
     }
+  });
+}
+
+// --- AMX: a prompt's rows by tile products --------------------------------------------------------------------------
+//
+// Where the CPU has AMX (and Linux lends this process the tiles' state), 16 rows of a prompt at a time take a pair of
+// panels' blocks as tiles: the 4-bit weights unpacked as dot_panel_pairs unpacks them are already a tile's layout
+// (each 64-byte row holding 4 consecutive weights of each of the 16 columns), the activations' high bytes (signed)
+// and low bytes (unsigned) of 16 rows and a block are two tiles, and `tdpbsud` / `tdpbuud` give the block's integer
+// sums for 16 rows and 16 columns, the same exact sums as the `vpdpbusd`s, which then take dot_panel_pairs' own
+// float operations: the same results, bit for bit. A block's sums come back through memory to be scaled, a cost the
+// 16 rows share (a decode step's few rows did not gain by it).
+
+#define CHIPI_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+bool has_amx() {
+  static const bool supported = [] {
+    if (!has_avx512_vnni() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
+      return false;
+    // Linux hands a process the tiles' register state only once asked for it (ARCH_REQ_XCOMP_PERM, XTILEDATA);
+    // a virtual machine or kernel that does not allow it keeps the VNNI products.
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return supported;
+}
+
+// The tiles' shapes (palette 1): 0 and 1, then 5 and 6 (two blocks in turn), the high and low bytes' sums (16 rows
+// of 16 int32); 2 and 3 those bytes of 16 rows' block (16 rows of 32); 4 the block's weights (8 rows of 64 bytes).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 32, 32, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 8, 16, 16};
+};
+
+// Block b's integer sums for the 16 rows from `high` and `low` (row stride K) into tiles high_tile and low_tile (a
+// macro: the tile intrinsics take the tiles' numbers as literals).
+#define CHIPI_TILE_BLOCK_SUMS(high_tile, low_tile, high, low, K, weights) \
+  do {                                                                    \
+    _tile_zero(high_tile);                                                \
+    _tile_zero(low_tile);                                                 \
+    _tile_loadd(2, high, K);                                              \
+    _tile_loadd(3, low, K);                                               \
+    _tile_loadd(4, weights, 64);                                          \
+    _tile_dpbsud(high_tile, 2, 4);                                        \
+    _tile_dpbuud(low_tile, 3, 4);                                         \
+  } while (false)
+
+// Adds a block's products for 16 rows to acc, from its integer sums stored in high_sums and low_sums [16][16], as
+// dot_panel_pairs does.
+CHIPI_AMX inline void scale_block_sums(const int32_t* high_sums, const int32_t* low_sums, const float* row_scales,
+                                       const float* row_sums, int64_t blocks, __m512 weight_scales, __m512 mins,
+                                       __m512* acc) {
+  for (int r = 0; r < kTileRows; ++r) {
+    const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(high_sums + 16 * r), 8),
+                                          _mm512_load_si512(low_sums + 16 * r));
+    const __m512 combined = _mm512_mul_ps(weight_scales, _mm512_set1_ps(row_scales[r * blocks]));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), combined, acc[r]);
+    acc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(row_sums[r * blocks]), acc[r]);
+  }
+}
+
+// out[r, 8 p ..) for rows [0, M) (a multiple of 16, in tile order: see tile_products) and the panels
+// [p_begin, p_end), two at a time (an odd last one read twice and stored once). unpacked: blocks * 512 bytes. Two
+// blocks' sums are in tiles at a time (0 and 1 for even blocks, 5 and 6 for odd ones): block b's products run while
+// block b - 1's sums are scaled.
+CHIPI_AMX void tile_panel_pairs(const SplitRows& rows, int64_t M, int64_t K, const uint8_t* weights,
+                                const uint16_t* scales, float* out, int64_t N, int64_t p_begin, int64_t p_end,
+                                uint8_t* unpacked) {
+  constexpr int64_t kBytes = panel_block_bytes(true), kScales = panel_block_scales(true);
+  const int64_t blocks = K / kBlock, panel_bytes = blocks * kBytes, panel_scales = blocks * kScales;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const TileConfig config;
+  _tile_loadconfig(&config);
+  alignas(64) int32_t high_sums[kTileRows * 16], low_sums[kTileRows * 16];
+  for (int64_t p = p_begin; p < p_end; p += 2) {
+    const auto [first, second, first_scales, second_scales, both] =
+        panel_pair(weights, scales, panel_bytes, panel_scales, p, p_end);
+    for (int64_t b = 0; b < blocks; ++b)  // tile row v: weights 4 v .. 4 v + 3 of the 16 columns
+      for (int c = 0; c < 4; ++c) {
+        const __m512i bytes = two_chunks(first + b * kBytes + 32 * c, second + b * kBytes + 32 * c);
+        _mm512_store_si512(unpacked + 512 * b + 64 * c, _mm512_and_si512(bytes, nibble));
+        _mm512_store_si512(unpacked + 512 * b + 64 * (c + 4), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble));
+      }
+    for (int64_t m = 0; m < M; m += kTileRows) {
+      const int8_t* high = rows.high + m * K;  // in tile order: [blocks][16 rows][32]
+      const uint8_t* low = rows.low + m * K;
+      __m512 acc[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_ps();
+      const auto scale_previous = [&](int64_t b) CHIPI_AMX {
+        const int64_t at = (b - 1) * kScales;
+        scale_block_sums(high_sums, low_sums, rows.scales + m * blocks + b - 1, rows.sums + m * blocks + b - 1,
+                         blocks, sixteen_halves(first_scales + at, second_scales + at),
+                         sixteen_halves(first_scales + at + kPanel, second_scales + at + kPanel), acc);
+      };
+      for (int64_t b = 0; b <= blocks; ++b) {
+        if (b > 0 && b % 2 == 1) {  // block b - 1's sums, out of their tiles before block b's products start
+          _tile_stored(0, high_sums, 64);
+          _tile_stored(1, low_sums, 64);
+        } else if (b > 0) {
+          _tile_stored(5, high_sums, 64);
+          _tile_stored(6, low_sums, 64);
+        }
+        const int8_t* h = high + b * kTileRows * kBlock;
+        const uint8_t* l = low + b * kTileRows * kBlock;
+        if (b < blocks && b % 2 == 0)
+          CHIPI_TILE_BLOCK_SUMS(0, 1, h, l, kBlock, unpacked + 512 * b);
+        else if (b < blocks)
+          CHIPI_TILE_BLOCK_SUMS(5, 6, h, l, kBlock, unpacked + 512 * b);
+        if (b > 0) scale_previous(b);
+      }
+      for (int64_t r = 0; r < kTileRows; ++r)
+        _mm512_mask_storeu_ps(out + (m + r) * N + p * kPanel, both ? 0xFFFF : 0x00FF, acc[r]);
+    }
+  }
+  _tile_release();
+}
+
+// x's rows (split) times 4-bit weights in panels: 16 rows at a time by AMX tiles, the last few (M % 16) by
+// dot_panel_pairs, whose results are the same bit for bit; the threads share the panels.
+void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
+                   int64_t N) {
+  const int64_t panels = N / kPanel, blocks = K / kBlock, tiled_rows = M / kTileRows * kTileRows;
+  // Each 16 rows' bytes of a block one after the other, so that a tile loads 512 consecutive bytes.
+  std::vector<int8_t> high(tiled_rows * K);
+  std::vector<uint8_t> low(tiled_rows * K);
+  for (int64_t m = 0; m < tiled_rows; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t to = ((m / kTileRows * blocks + b) * kTileRows + m % kTileRows) * kBlock;
+      std::memcpy(high.data() + to, all.high + m * K + b * kBlock, kBlock);
+      std::memcpy(low.data() + to, all.low + m * K + b * kBlock, kBlock);
+    }
+  const SplitRows tiled{high.data(), low.data(), all.scales, all.sums, all.corrections};
+  at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    const int64_t p_begin = 2 * begin, p_end = std::min(2 * end, panels);
+    auto* unpacked = static_cast<uint8_t*>(std::aligned_alloc(64, blocks * 512));
+    tile_panel_pairs(tiled, tiled_rows, K, wp, sp, op, N, p_begin, p_end, unpacked);
+    std::free(unpacked);
+    for (int64_t m = tiled_rows; m < M; m += 8)
+      with_rows<8>(M - m, [&](auto count) {
+        dot_panel_pairs<true, true, count>(all.from(m, K), K, wp, sp, op + m * N, N, p_begin, p_end);
+      });
   });
 }
 
