@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -897,9 +896,8 @@ void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp
   const SplitRows tiled{high.data(), low.data(), all.scales, all.sums, all.corrections};
   at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     const int64_t p_begin = 2 * begin, p_end = std::min(2 * end, panels);
-    auto* unpacked = static_cast<uint8_t*>(std::aligned_alloc(64, blocks * 512));
-    tile_panel_pairs(tiled, tiled_rows, K, wp, sp, op, N, p_begin, p_end, unpacked);
-    std::free(unpacked);
+    at::Tensor unpacked = at::empty({blocks * 512}, at::kByte);  // 64-byte aligned, as tile rows want
+    tile_panel_pairs(tiled, tiled_rows, K, wp, sp, op, N, p_begin, p_end, unpacked.data_ptr<uint8_t>());
     for (int64_t m = tiled_rows; m < M; m += 8)
       with_rows<8>(M - m, [&](auto count) {
         dot_panel_pairs<true, true, count>(all.from(m, K), K, wp, sp, op + m * N, N, p_begin, p_end);
