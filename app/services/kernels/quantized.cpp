@@ -15,8 +15,16 @@
 
 #include <c10/util/Half.h>
 #include <immintrin.h>
+
+// AMX tiles need Linux (which lends them to a process through arch_prctl) and a compiler with their intrinsics.
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define CHIPI_AMX_BUILD 1
+#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#else
+#define CHIPI_AMX_BUILD 0
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -772,12 +780,13 @@ void panel_pair_products(const SplitRows& all, int64_t M, int64_t K, const uint8
 // float operations: the same results, bit for bit. A block's sums come back through memory to be scaled, a cost the
 // 16 rows share (a decode step's few rows did not gain by it).
 
+#if CHIPI_AMX_BUILD
 #define CHIPI_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 bool has_amx() {
   static const bool supported = [] {
-    if (!has_avx512_vnni() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
-      return false;
+    unsigned eax, ebx, ecx, edx;  // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8
+    if (!has_avx512_vnni() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || (edx >> 24 & 3) != 3) return false;
     // Linux hands a process the tiles' register state only once asked for it (ARCH_REQ_XCOMP_PERM, XTILEDATA);
     // a virtual machine or kernel that does not allow it keeps the VNNI products.
     constexpr long kRequestPermission = 0x1023, kTileData = 18;
@@ -904,6 +913,12 @@ void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp
       });
   });
 }
+#else
+bool has_amx() { return false; }
+void tile_products(const SplitRows&, int64_t, int64_t, const uint8_t*, const uint16_t*, float*, int64_t) {
+  TORCH_CHECK(false, "chipi: built without AMX");
+}
+#endif  // CHIPI_AMX_BUILD
 
 // Whether this CPU (and its operating system) runs the AVX-512 VNNI products.
 bool has_avx512_vnni() {
