@@ -235,7 +235,7 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
 // their mins. 8-bit weights (multiplied in panels with AVX-512 VNNI only): [N / 8, blocks, 256], 8 chunks, byte 4 col
 // + i of chunk c holding the column's weight 4 c + i; scales [N / 8, blocks, 8].
 constexpr int64_t kPanel = 8;
-constexpr int64_t kTileRows = 16;  // the rows of a prompt an AMX tile takes (see tile_products)
+constexpr int64_t kTileRows = 16;  // the rows of a prompt an AMX tile takes (see tile_products, panel_linear)
 // How many blocks ahead (of 128 bytes) the panel kernel asks for weights: 2 KB, which made a decode step of one row
 // 5% faster than asking for the block after next (the same from 1 to 4 KB; several rows, bound by arithmetic, alike).
 constexpr int64_t kPanelPrefetchBlocks = 16;
@@ -427,8 +427,8 @@ template <bool kQ4, bool kSplit>
 void panel_pair_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp,
                          float* op, int64_t N);
 bool has_amx();
-void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
-                   int64_t N);
+void tile_products(const SplitRows& all, int64_t M, int64_t tiled_rows, int64_t K, const uint8_t* wp,
+                   const uint16_t* sp, float* op, int64_t N);
 
 // x [M, K] times weights in panels, with activations rounded to activation_bits (16, or 8 for 4-bit weights) per
 // block. 8-bit weights in panels need AVX-512 VNNI.
@@ -437,25 +437,30 @@ void panel_linear(const float* xp, int64_t M, int64_t K, const uint8_t* wp, cons
                   int64_t N, int64_t activation_bits) {
   const int64_t blocks = K / kBlock;
   const bool split = activation_bits == 16;
+  // A prompt's rows up to the last whole 16 go to AMX tiles (tile_products), in tile order: each 16 rows' bytes of a
+  // block one after the other, so that a tile loads 512 consecutive bytes. The rest stay row by row after them.
+  const int64_t tiled_rows = kQ4 && split && M >= kTileRows && has_amx() ? M / kTileRows * kTileRows : 0;
   std::vector<int8_t> high(M * K);
   std::vector<uint8_t> low(split ? M * K : 0);
   std::vector<float> x_scales(M * blocks), block_sums(M * blocks);
   std::vector<int32_t> corrections(kQ4 ? 0 : M * blocks);
   for (int64_t i = 0; i < M * blocks; ++i) {
+    const int64_t m = i / blocks, b = i % blocks;
+    const int64_t at = (m < tiled_rows ? (m / kTileRows * blocks + b) * kTileRows + m % kTileRows : i) * kBlock;
     if (split)
-      split_block(xp + i * kBlock, high.data() + i * kBlock, low.data() + i * kBlock, x_scales[i], block_sums[i]);
+      split_block(xp + i * kBlock, high.data() + at, low.data() + at, x_scales[i], block_sums[i]);
     else
-      round_block8(xp + i * kBlock, high.data() + i * kBlock, x_scales[i], block_sums[i]);
+      round_block8(xp + i * kBlock, high.data() + at, x_scales[i], block_sums[i]);
     if constexpr (!kQ4) {
       int32_t high_sum = 0;
-      for (int64_t k = 0; k < kBlock; ++k) high_sum += high[i * kBlock + k];
+      for (int64_t k = 0; k < kBlock; ++k) high_sum += high[at + k];
       corrections[i] = 32768 * high_sum;
     }
   }
   const SplitRows rows{high.data(), low.data(), x_scales.data(), block_sums.data(), corrections.data()};
   if constexpr (kQ4) {
-    if (split && M >= kTileRows && has_amx()) {  // a prompt's rows
-      tile_products(rows, M, K, wp, sp, op, N);
+    if (tiled_rows) {
+      tile_products(rows, M, tiled_rows, K, wp, sp, op, N);
     } else if (has_avx512_vnni()) {
       if (split)
         panel_pair_products<true, true>(rows, M, K, wp, sp, op, N);
@@ -832,7 +837,7 @@ CHIPI_AMX inline void scale_block_sums(const int32_t* high_sums, const int32_t* 
   }
 }
 
-// out[r, 8 p ..) for rows [0, M) (a multiple of 16, in tile order: see tile_products) and the panels
+// out[r, 8 p ..) for rows [0, M) (a multiple of 16, in tile order: see panel_linear) and the panels
 // [p_begin, p_end), two at a time (an odd last one read twice and stored once). unpacked: blocks * 512 bytes. Two
 // blocks' sums are in tiles at a time (0 and 1 for even blocks, 5 and 6 for odd ones): block b's products run while
 // block b - 1's sums are scaled.
@@ -888,25 +893,16 @@ CHIPI_AMX void tile_panel_pairs(const SplitRows& rows, int64_t M, int64_t K, con
   _tile_release();
 }
 
-// x's rows (split) times 4-bit weights in panels: 16 rows at a time by AMX tiles, the last few (M % 16) by
-// dot_panel_pairs, whose results are the same bit for bit; the threads share the panels.
-void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, float* op,
-                   int64_t N) {
-  const int64_t panels = N / kPanel, blocks = K / kBlock, tiled_rows = M / kTileRows * kTileRows;
-  // Each 16 rows' bytes of a block one after the other, so that a tile loads 512 consecutive bytes.
-  std::vector<int8_t> high(tiled_rows * K);
-  std::vector<uint8_t> low(tiled_rows * K);
-  for (int64_t m = 0; m < tiled_rows; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t to = ((m / kTileRows * blocks + b) * kTileRows + m % kTileRows) * kBlock;
-      std::memcpy(high.data() + to, all.high + m * K + b * kBlock, kBlock);
-      std::memcpy(low.data() + to, all.low + m * K + b * kBlock, kBlock);
-    }
-  const SplitRows tiled{high.data(), low.data(), all.scales, all.sums, all.corrections};
+// x's rows (split; the first tiled_rows, a multiple of 16, in tile order: see panel_linear) times 4-bit weights in
+// panels: 16 rows at a time by AMX tiles, the last few (M % 16) by dot_panel_pairs, whose results are the same bit
+// for bit; the threads share the panels.
+void tile_products(const SplitRows& all, int64_t M, int64_t tiled_rows, int64_t K, const uint8_t* wp,
+                   const uint16_t* sp, float* op, int64_t N) {
+  const int64_t panels = N / kPanel, blocks = K / kBlock;
   at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     const int64_t p_begin = 2 * begin, p_end = std::min(2 * end, panels);
     at::Tensor unpacked = at::empty({blocks * 512}, at::kByte);  // 64-byte aligned, as tile rows want
-    tile_panel_pairs(tiled, tiled_rows, K, wp, sp, op, N, p_begin, p_end, unpacked.data_ptr<uint8_t>());
+    tile_panel_pairs(all, tiled_rows, K, wp, sp, op, N, p_begin, p_end, unpacked.data_ptr<uint8_t>());
     for (int64_t m = tiled_rows; m < M; m += 8)
       with_rows<8>(M - m, [&](auto count) {
         dot_panel_pairs<true, true, count>(all.from(m, K), K, wp, sp, op + m * N, N, p_begin, p_end);
@@ -915,7 +911,7 @@ void tile_products(const SplitRows& all, int64_t M, int64_t K, const uint8_t* wp
 }
 #else
 bool has_amx() { return false; }
-void tile_products(const SplitRows&, int64_t, int64_t, const uint8_t*, const uint16_t*, float*, int64_t) {
+void tile_products(const SplitRows&, int64_t, int64_t, int64_t, const uint8_t*, const uint16_t*, float*, int64_t) {
   TORCH_CHECK(false, "chipi: built without AMX");
 }
 #endif  // CHIPI_AMX_BUILD
