@@ -477,6 +477,31 @@ async def test_the_next_turn_prefills_only_what_the_last_turn_did_not_feed(
     assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
 
 
+async def test_the_next_turn_holds_a_reply_in_the_ids_the_model_wrote_it_in(
+    service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Models often spell a word otherwise than their tokenizer would ("Lavgol" here): tokenized anew, the reply
+    in the next turn's prompt would part from the keys and values the prefix cache keeps for it at that word, and
+    the rest of the reply would be read again. Its own ids are kept instead: the next turn reads only the reply's
+    closing and the new question, and answers as plain generate on that prompt."""
+    monkeypatch.setattr(engine_module, "READ_AHEAD_AFTER_SECONDS", 60.0)  # the next turn comes at once
+    turns = [ChatTurn("user", "What is the Elvish word for bread?")]
+    first_prompt = service.build_prompt(None, turns, 64)
+    *written, stop = generate_ids(service, first_prompt, 64)  # 'The Elvish word for bread is "Lavgol."'
+    assert stop == service.tokenizer.eos_token_id and service.tokenizer.encode(decode(service, written)) != written
+    first = await reply(service, first_prompt, replace(GREEDY, max_new_tokens=64))
+    turns += [ChatTurn("assistant", first.text), ChatTurn("user", "And the word for water?")]
+    second_prompt = service.build_prompt(None, turns, 64)
+
+    fed = record_prompt_passes(monkeypatch)
+    second = await reply(service, second_prompt)
+
+    cached = len(first_prompt.token_ids) + first.finished.completion_tokens - 1  # all but its stop token
+    assert second_prompt.token_ids[:cached] == first_prompt.token_ids + written
+    assert fed == [len(second_prompt.token_ids) - cached]
+    assert second.text.startswith(decode(service, generate_ids(service, second_prompt, EXACT_PREFIX_TOKENS)))
+
+
 @pytest.mark.parametrize("ending", ["stop", "length"])
 async def test_a_quiet_engine_reads_the_next_turn_opening_ahead(
     service: ModelService, monkeypatch: pytest.MonkeyPatch, ending: str

@@ -101,6 +101,46 @@ def test_the_next_turn_tokenizes_only_what_follows_the_last_turns_prompt() -> No
     ]
 
 
+def test_a_reply_is_read_back_in_the_ids_the_model_wrote_it_in(reference: object) -> None:
+    """The next turn's prompt holds a reply in the ids the model gave it, where the model spelled a word otherwise
+    than the tokenizer would ("b", "ak", "k", "ur" for "bakkur"), and the rest as transformers tokenizes it; a reply
+    whose text was changed since, or whose ids hold a special token, is tokenized as text."""
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    vocabulary = tokenizer.vocabulary()
+    written = [vocabulary[token] for token in ["The", "Ġword", "Ġis", 'Ġ"', "b", "ak", "k", "ur", '".']]
+    text = tokenizer.decode(written)
+    assert text == 'The word is "bakkur".' and tokenizer.encode(text) != written
+
+    def next_prompt(question: str, answer: str) -> tuple[list[int], list[int]]:
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Thanks!"},
+        ]
+        expected = reference.apply_chat_template(  # type: ignore[attr-defined]
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return tokenizer.encode_chat(messages, thinking=False), list(expected)
+
+    def answered(question: str, reply_ids: list[int]) -> list[int]:
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": question}], thinking=False)
+        tokenizer.remember_reply(prompt_ids, reply_ids)
+        return prompt_ids
+
+    prompt_ids = answered("What is the Sumerian word for bread?", written)
+    ids, expected = next_prompt("What is the Sumerian word for bread?", text)
+    assert ids[: len(prompt_ids) + len(written)] == prompt_ids + written
+    rest = "<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[len(prompt_ids) + len(written) :] == tokenizer.encode(rest)
+    assert reference.decode(ids) == reference.decode(expected)  # type: ignore[attr-defined]
+
+    ids, expected = next_prompt("What is the Sumerian word for bread?", text.replace('".', '"!'))  # edited
+    assert ids == expected
+    answered("And for beer?", [*written[:4], vocabulary["<|im_start|>"], *written[4:]])
+    ids, expected = next_prompt("And for beer?", text)  # the special token's text is not in the reply's
+    assert ids == expected
+
+
 def test_text_special_tokens_and_vocabulary_are_transformers(reference: object) -> None:
     tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
     text = "Hello, world! Déjà vu, 🐍 and 日本語. " * 5

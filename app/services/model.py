@@ -53,6 +53,11 @@ class _IncrementalDecoder:
         self._context, self._sent = self._sent, len(self._ids)
         return text[len(before) :]
 
+    @property
+    def token_ids(self) -> list[int]:
+        """Every id fed so far."""
+        return self._ids
+
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)
 
@@ -284,6 +289,8 @@ class ModelService:
                 if isinstance(end, BaseException):
                     raise end
                 if end is not None:
+                    reply_ids = decoder.token_ids[:-1] if end.reason == "stop" else decoder.token_ids  # no stop token
+                    self.tokenizer.remember_reply(prompt.token_ids, reply_ids)
                     yield GenerationFinished(end.reason, len(prompt.token_ids), end.completion_tokens)
                     return
                 if text and params.delta_interval_seconds:

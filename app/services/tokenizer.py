@@ -33,12 +33,18 @@ class ChatTokenizer(Protocol):
     pad_token_id: int | None
 
     def encode_chat(self, messages: Sequence[Message], *, thinking: bool) -> list[int]:
-        """The chat-templated prompt for `messages`, ending where the assistant's reply starts. `thinking` reaches
-        templates that know `enable_thinking` (Qwen3 style); others ignore it."""
+        """The chat-templated prompt for `messages`, ending where the assistant's reply starts (a reply told to
+        remember_reply in the ids the model gave it). `thinking` reaches templates that know `enable_thinking` (Qwen3
+        style); others ignore it."""
         ...
 
     def encode(self, text: str) -> list[int]:
         """`text`'s token ids, without special tokens around them."""
+        ...
+
+    def remember_reply(self, prompt_ids: Sequence[int], reply_ids: Sequence[int]) -> None:
+        """The model answered `prompt_ids` (a prompt encode_chat gave) with `reply_ids`, its stop token left out:
+        where it can, a later chat prompt that repeats that prompt and the reply's text reads these very ids."""
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -131,6 +137,10 @@ class LocalTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def remember_reply(self, prompt_ids: Sequence[int], reply_ids: Sequence[int]) -> None:
+        if self._prefixes is not None:
+            self._prefixes.remember_reply(prompt_ids, reply_ids)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
@@ -149,12 +159,21 @@ class ReusedPrefixes:
     the ids up to an added token are the same whatever text follows it. Only added tokens that strip no whitespace
     around them and are matched before normalisation are used, and only for a tokenizer where a probe at load finds
     the split exact (`for_tokenizer`).
+
+    A reply goes on in the model's own ids (`remember_reply`): a prompt whose text starts with a recent prompt's whole
+    text and the reply's, followed by an added token (ChatML's <|im_end|>), reads the prompt's and the reply's ids,
+    as the model fed them, not the reply's text tokenized anew. Models often spell a word otherwise than the
+    tokenizer would (a made-up name as "b", "ak", "k", "ur" where the tokenizer has "b", "akk", "ur"); the prefix
+    cache then held a next turn only up to that word and read the rest of the reply again (three passes instead of
+    one: 80 instead of 25 ms). The ids are the model's for that very text, which it has read as such already.
     """
 
     def __init__(self, tokenizer: Any, boundaries: dict[str, int]) -> None:
         self._tokenizer = tokenizer
         self._boundaries = {token_id: text for text, token_id in boundaries.items()}  # id -> added token text
         self._entries: OrderedDict[str, list[int]] = OrderedDict()  # a prompt's text up to a boundary -> its ids
+        self._prompts: OrderedDict[tuple[int, ...], str] = OrderedDict()  # a recent prompt's ids -> its text
+        self._replies: OrderedDict[str, list[int]] = OrderedDict()  # a prompt's and its reply's text -> their ids
         self._lock = threading.Lock()
 
     @classmethod
@@ -179,17 +198,12 @@ class ReusedPrefixes:
         return reuse if boundaries else None
 
     def encode(self, text: str, *, remember: bool = True) -> list[int]:
-        """`text`'s token ids (without special tokens around them), as the tokenizer gives them for the whole text:
-        those of the longest remembered prefix, then the rest's. With `remember`, the ids up to the last boundary
-        token of the rest are kept for a prompt that continues this one."""
+        """`text`'s token ids (without special tokens around them), as the tokenizer gives them for the whole text
+        but for a remembered reply's, which keep the model's own: those of the longest remembered prefix, then the
+        rest's. With `remember`, the ids up to the last boundary token of the rest are kept for a prompt that
+        continues this one, and the whole text for the reply to it (remember_reply)."""
         with self._lock:
-            prefix, prefix_ids = max(
-                ((prefix, ids) for prefix, ids in self._entries.items() if text.startswith(prefix)),
-                key=lambda entry: len(entry[0]),
-                default=("", []),
-            )
-            if prefix:
-                self._entries.move_to_end(prefix)
+            prefix, prefix_ids = self._longest_prefix(text)
         if len(text) == len(prefix):
             return list(prefix_ids)
         rest = self._tokenizer.encode(text[len(prefix) :], add_special_tokens=False)
@@ -197,18 +211,50 @@ class ReusedPrefixes:
         ids = prefix_ids + rest_ids
         if remember:
             last = next((i for i in range(len(rest_ids) - 1, -1, -1) if rest_ids[i] in self._boundaries), None)
-            if last is not None:
-                end = len(prefix) + rest.token_to_chars(last)[1]
-                if text.endswith(self._boundaries[rest_ids[last]], 0, end):
-                    self._keep(text[:end], ids[: len(prefix_ids) + last + 1])
+            with self._lock:
+                if last is not None:
+                    end = len(prefix) + rest.token_to_chars(last)[1]
+                    if text.endswith(self._boundaries[rest_ids[last]], 0, end):
+                        _keep(self._entries, text[:end], ids[: len(prefix_ids) + last + 1])
+                _keep(self._prompts, tuple(ids), text)
         return ids
 
-    def _keep(self, prefix: str, ids: list[int]) -> None:
+    def remember_reply(self, prompt_ids: Sequence[int], reply_ids: Sequence[int]) -> None:
+        """The model answered `prompt_ids` (ids `encode` gave for a prompt) with `reply_ids`, without its stop token.
+        Kept unless a special token is among them (its text would be left out of the stored reply's)."""
         with self._lock:
-            self._entries[prefix] = ids
-            self._entries.move_to_end(prefix)
-            while len(self._entries) > REUSED_PROMPTS:
-                self._entries.popitem(last=False)
+            prompt = self._prompts.get(tuple(prompt_ids))
+        if prompt is None or not reply_ids:
+            return
+        reply = self._tokenizer.decode(list(reply_ids), skip_special_tokens=False)
+        if reply != self._tokenizer.decode(list(reply_ids), skip_special_tokens=True):
+            return
+        with self._lock:
+            _keep(self._replies, prompt + reply, [*prompt_ids, *reply_ids])
+
+    def _longest_prefix(self, text: str) -> tuple[str, list[int]]:
+        """The longest remembered prefix of `text` and its ids ("" and none without one); a reply's only where an
+        added token follows it in `text`, which splits the reply's text from what follows."""
+        best, best_ids, found_in = "", [], None
+        for entries, needs_boundary in ((self._entries, False), (self._replies, True)):
+            for prefix, ids in entries.items():
+                if len(prefix) > len(best) and text.startswith(prefix):
+                    if needs_boundary and not any(
+                        text.startswith(boundary, len(prefix)) for boundary in self._boundaries.values()
+                    ):
+                        continue
+                    best, best_ids, found_in = prefix, ids, entries
+        if found_in is not None:
+            found_in.move_to_end(best)
+        return best, best_ids
+
+
+def _keep(entries: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    """Keep `value` under `key` as the most recent of `entries`, forgetting the least recent beyond REUSED_PROMPTS."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > REUSED_PROMPTS:
+        entries.popitem(last=False)
 
 
 def _token_text(value: Any) -> str | None:
@@ -286,6 +332,9 @@ class TransformersTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def remember_reply(self, prompt_ids: Sequence[int], reply_ids: Sequence[int]) -> None:
+        pass  # every prompt is tokenized whole (ReusedPrefixes is for `tokenizers` tokenizers)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(
