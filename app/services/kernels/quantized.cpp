@@ -1236,6 +1236,19 @@ void attend_one_token(const at::Tensor& query, const at::Tensor& keys, const at:
   });
 }
 
+// The attention kernels' operands: a float32 query over float32 or float16 keys and values (returned: the cache's
+// type), each with its last dimension contiguous. `op` names the kernel in the error.
+at::ScalarType check_attention_operands(const char* op, const at::Tensor& query, const at::Tensor& keys,
+                                        const at::Tensor& values) {
+  const auto cached = keys.scalar_type();
+  TORCH_CHECK(query.scalar_type() == at::kFloat && (cached == at::kFloat || cached == at::kHalf) &&
+                  values.scalar_type() == cached,
+              "chipi ", op, ": a float32 query over float32 or float16 keys and values expected");
+  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1, "chipi ", op,
+              ": the last dimension must be contiguous");
+  return cached;
+}
+
 // Attention of one new token per row (a decode step): query [R, H, 1, D], keys and values [R, KV, L, D] (views of
 // the cache, float32 or float16; H a multiple of KV, grouped-query attention), mask [R, L] (1: a real token, 0:
 // padding) or none. Returns [R, 1, H * D] float32, the heads side by side, ready for the output projection. Same as
@@ -1245,12 +1258,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
   const int64_t R = query.size(0), H = query.size(1), D = query.size(3);
   const int64_t KV = keys.size(1), L = keys.size(2);
   TORCH_CHECK(query.size(2) == 1 && H % KV == 0 && D % 16 == 0, "chipi decode_attention: unsupported shapes");
-  const auto cached = keys.scalar_type();
-  TORCH_CHECK(query.scalar_type() == at::kFloat && (cached == at::kFloat || cached == at::kHalf) &&
-                  values.scalar_type() == cached,
-              "chipi decode_attention: a float32 query over float32 or float16 keys and values expected");
-  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
-              "chipi decode_attention: the last dimension must be contiguous");
+  const auto cached = check_attention_operands("decode_attention", query, keys, values);
   std::optional<at::Tensor> mask_rows;
   if (mask) {
     mask_rows = mask->to(at::kLong).contiguous();
@@ -1451,12 +1459,7 @@ at::Tensor prompt_attention(const at::Tensor& query, const at::Tensor& keys, con
   TORCH_CHECK(H % KV == 0 && D % 16 == 0 && tokens <= L && keys.sizes() == values.sizes() && keys.size(0) == R &&
                   keys.size(3) == D,
               "chipi prompt_attention: unsupported shapes");
-  const auto cached = keys.scalar_type();
-  TORCH_CHECK(query.scalar_type() == at::kFloat && (cached == at::kFloat || cached == at::kHalf) &&
-                  values.scalar_type() == cached,
-              "chipi prompt_attention: a float32 query over float32 or float16 keys and values expected");
-  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
-              "chipi prompt_attention: the last dimension must be contiguous");
+  const auto cached = check_attention_operands("prompt_attention", query, keys, values);
   auto out = at::empty({R, tokens, H * D}, query.options());
   if (cached == at::kHalf)
     attend_new_tokens<at::Half>(query, keys, values, scale, out);
