@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Matrix products of at least this many rows (reading a prompt) run as float32 matrix products: under
 # CHIPI_DTYPE=float16, float16's are several times slower there. Block layers read them with 16-bit activations
-# whatever CHIPI_ACTIVATION_BITS says: with AVX-512 VNNI by the panels' integer products (3-4x faster than float32
-# ones there), elsewhere by float32 products on dequantized tiles of the weights (kernels: quantized_linear).
+# whatever CHIPI_ACTIVATION_BITS says: by the panels' integer products with AVX-512 VNNI (3-4x faster than float32
+# ones there), and with AVX2 alone up to 128 rows (1.07-1.58x faster); else by float32 products on dequantized tiles
+# of the weights (kernels: quantized_linear).
 FLOAT32_ROWS = 16
 BLOCK = 32  # weights per block, along the input dimension
 PANEL = 8  # output rows per panel (quantized.cpp)

@@ -236,6 +236,11 @@ inline void round_block(const float* x, int16_t* x16, float& scale, float& sum) 
 // + i of chunk c holding the column's weight 4 c + i; scales [N / 8, blocks, 8].
 constexpr int64_t kPanel = 8;
 constexpr int64_t kTileRows = 16;  // the rows of a prompt an AMX tile takes (see tile_products, panel_linear)
+// With AVX2 alone, products of up to this many rows (a short prompt, the new message of a conversation's next turn)
+// are read by dot_panels with 16-bit activations too: for the default model's 30 layers on an AMD EPYC (Zen 3) they
+// took 1.58x (16 rows), 1.27x (40) and 1.07x (128) less time than float32 products on dequantized tiles, which
+// dequantize every weight for each product and win from about 192 rows on (1.09x there, 1.26x at 384).
+constexpr int64_t kAvx2PanelRows = 128;
 // How many blocks ahead (of 128 bytes) the panel kernel asks for weights: 2 KB, which made a decode step of one row
 // 5% faster than asking for the block after next (the same from 1 to 4 KB; several rows, bound by arithmetic, alike).
 constexpr int64_t kPanelPrefetchBlocks = 16;
@@ -946,9 +951,11 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& weights, 
   shape.back() = N;
   // From matrix_rows rows on (a prompt): 16-bit activations, read by the panels' products with AVX-512 VNNI, which
   // took 4.2x (16 rows) to 2.8x (1,024 rows) less time than float32 products on dequantized tiles for the default
-  // model's 30 layers on an AMD EPYC; by float32 products elsewhere (the AVX2 kernels, and the rows layout).
+  // model's 30 layers on an AMD EPYC; with AVX2 alone, by them up to kAvx2PanelRows rows (see there); by float32
+  // products on dequantized tiles elsewhere (more rows on AVX2, and the rows layout).
   const bool prompt = M >= matrix_rows;
-  if (prompt && !(panels && has_avx512_vnni())) return tiled_linear<kQ4>(x, weights, scales).view(shape);
+  const bool integer_products = panels && (has_avx512_vnni() || (kQ4 && M <= kAvx2PanelRows));
+  if (prompt && !integer_products) return tiled_linear<kQ4>(x, weights, scales).view(shape);
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "chipi: float16 scales expected");
   const int64_t blocks = K / kBlock;
   const float* xp = x.data_ptr<float>();
