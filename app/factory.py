@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from app.controllers.audio import AudioController, VoiceChatController
 from app.controllers.auth import PUBLIC, SECURITY_COMPONENTS, ApiKeyAuthMiddleware, provide_owner
 from app.controllers.conversations import ConversationController
+from app.controllers.dependencies import resolve_dependencies_in_turn
 from app.controllers.errors import exception_handlers
 from app.controllers.openai import OpenAIController
 from app.controllers.rate_limit import RateLimitMiddleware
@@ -117,6 +118,7 @@ def _cors_config(settings: Settings) -> CORSConfig | None:
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app for `settings` (by default, those of the environment)."""
     settings = settings or get_settings()
+    resolve_dependencies_in_turn()
     db_config = create_db_config(settings)
     authenticator = Authenticator(settings.auth, db_config)
 
