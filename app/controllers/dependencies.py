@@ -29,6 +29,9 @@ def resolve_dependencies_in_turn() -> bool:
     except ImportError as exc:
         logger.warning("Litestar resolves dependencies concurrently (its internals moved: %s)", exc)
         return False
+    if "dependency_batches" not in getattr(KwargsModel, "__slots__", ()):
+        logger.warning("Litestar resolves dependencies concurrently (its KwargsModel has no dependency_batches)")
+        return False
     if getattr(KwargsModel.resolve_dependencies, "in_turn", False):
         return True
 
